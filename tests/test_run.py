@@ -1,0 +1,97 @@
+"""run.py end to end, as a user runs it (tiny random BERT, tiny GLUE files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "run.py", "backbone=tiny", f"hydra.run.dir={run_dir}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+# A tiny BERT learns the tiny tasks' keyword rule in a few epochs at a high learning rate.
+FAST = ["trainer.max_epochs=8", "model.optimizer.lr=2e-3", "data.batch_size=16", "data.train_limit=null"]
+
+
+def test_trains_checkpoints_and_reports(glue_dir, tmp_path):
+    proc = run_cli(tmp_path / "run", f"data_dir={glue_dir}", *FAST)
+    res = results(tmp_path / "run")
+    assert res["test"]["test/accuracy"] >= 0.9  # the keyword rule was learnt
+    assert res["best_val"]["val/accuracy"] >= 0.9
+    assert "test/accuracy" in proc.stdout and "final" in proc.stdout  # the result table
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file()
+    stored = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)
+    assert stored["rbert_config"]["task"]["name"] == "sst2"  # the run can be rebuilt from its checkpoint
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        logged = set(next(csv.reader(f)))
+    assert {"train/loss", "train/lr", "val/accuracy", "val/loss"} <= logged
+
+
+def test_resume_from_checkpoint(glue_dir, tmp_path):
+    common = [f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null"]
+    run_cli(tmp_path / "first", *common, "trainer.max_epochs=1", "test=false")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    run_cli(tmp_path / "second", *common, "trainer.max_epochs=2", f"ckpt_path={last}", "test=false")
+    second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (first["epoch"], second["epoch"]) == (0, 1)
+    assert second["global_step"] == 2 * first["global_step"] == 8  # 64 rows / 16 per batch, twice
+    # The optimiser and schedule went on from where they stopped.
+    assert second["lr_schedulers"][0]["last_epoch"] == 8
+
+
+def test_mnli_evaluates_matched_and_mismatched(glue_dir, tmp_path):
+    run_cli(tmp_path / "run", "task=mnli", f"data_dir={glue_dir}", "debug=limit", "callbacks=none")
+    assert {"test/accuracy", "test_mm/accuracy"} <= set(results(tmp_path / "run")["test"])
+
+
+def test_stsb_regression(glue_dir, tmp_path):
+    run_cli(tmp_path / "run", "task=stsb", f"data_dir={glue_dir}", "debug=limit")
+    res = results(tmp_path / "run")["test"]
+    assert {"test/pearson", "test/spearman", "test/loss"} <= set(res)
+
+
+def test_ddp_on_two_cpu_processes(glue_dir, tmp_path):
+    run_cli(tmp_path / "run", "trainer=ddp_cpu", f"data_dir={glue_dir}", "trainer.max_epochs=1", "data.batch_size=8")
+    assert "test/accuracy" in results(tmp_path / "run")["test"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=nope"], "Could not find 'task/nope'"),
+        (["model=nope"], "Could not find 'model/nope'"),
+        (["data_dir={missing}"], "error: data_dir: {missing} is not a folder"),
+        (["ckpt_path={garbage}"], "error: ckpt_path: {garbage} is not a readable PyTorch checkpoint"),
+        (["ckpt_path={missing}"], "error: ckpt_path: {missing} does not exist"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(overrides, message, glue_dir, tmp_path):
+    paths = {"missing": tmp_path / "missing", "garbage": tmp_path / "garbage.ckpt"}
+    paths["garbage"].write_text("not a checkpoint")
+    args = [o.format(**paths) for o in overrides]
+    proc = run_cli(tmp_path / "run", f"data_dir={glue_dir}", *args, check=False)
+    assert proc.returncode != 0
+    assert message.format(**paths) in proc.stderr
+    if message.startswith("error:"):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
