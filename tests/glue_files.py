@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = "the a movie film plot actor scene story music very quite rather long short old new".split()
+WORDS = ["the", "a", "movie", "film", "plot", "actor", "scene", "story", "music", "very", "quite", "rather",
+         "long", "short", "old", "new"]
 CUE = {0: "bad", 1: "good", 2: "maybe"}
 
 
@@ -51,7 +52,8 @@ def write_task(root: Path, name: str, n_train: int = 64, n_dev: int = 32, seed: 
             elif name == "mnli":
                 gold = ["entailment", "neutral", "contradiction"][label]
                 votes = "\t".join([gold] * (5 if dev else 1))
-                out.append(f"{i}\t{i}\t{i}n\tfiction\t( {s1} )\t( {s2} )\t(ROOT {s1})\t(ROOT {s2})\t{s1}\t{s2}\t{votes}\t{gold}")
+                parses = f"( {s1} )\t( {s2} )\t(ROOT {s1})\t(ROOT {s2})"
+                out.append(f"{i}\t{i}\t{i}n\tfiction\t{parses}\t{s1}\t{s2}\t{votes}\t{gold}")
             elif name in ("qnli", "rte"):
                 out.append(f"{i}\t{s1}\t{s2}\t{['entailment', 'not_entailment'][label]}")
             else:  # wnli
@@ -68,7 +70,8 @@ def write_task(root: Path, name: str, n_train: int = 64, n_dev: int = 32, seed: 
         "rte": "index\tsentence1\tsentence2\tlabel",
         "wnli": "index\tsentence1\tsentence2\tlabel",
     }
-    mnli_cols = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2"
+    mnli_cols = "\t".join(["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                           "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"])
     files = {"train.tsv": (n_train, False)}
     if name == "mnli":
         files.update({"dev_matched.tsv": (n_dev, True), "dev_mismatched.tsv": (n_dev // 2, True)})

@@ -118,7 +118,8 @@ def test_bad_options_are_rejected(tmp_path):
 def test_tiny_backbone_is_small_and_random():
     a, b = load_encoder("tiny"), load_encoder("tiny")
     assert a.num_layers == 4 and a.hidden_size == 32
-    assert not torch.equal(a.encoder.layer[0].attention.self.query.weight, b.encoder.layer[0].attention.self.query.weight)
+    query = [m.encoder.layer[0].attention.self.query.weight for m in (a, b)]
+    assert not torch.equal(*query)
 
 
 @pytest.mark.slow

@@ -47,10 +47,8 @@ def test_groups_are_all_covered():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, glue_dir, tmp_path):
-    if group == "hydra":
-        overrides = []  # hydra/default is the only option and always in use
-    else:
-        overrides = [f"{group}={option}"]
+    # hydra/default is the only option of its group and always in use.
+    overrides = [] if group == "hydra" else [f"{group}={option}"]
     cfg = make_config(overrides + ["backbone=tiny", f"data_dir={glue_dir}"], tmp_path)
     if group == "task" and option == "custom":
         with open_dict(cfg):

@@ -20,7 +20,8 @@ def run_cli(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.Co
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output}")
     return proc
 
 

@@ -175,7 +175,8 @@ class GlueDataModule(pl.LightningDataModule):
         # The fingerprint is explicit: hashing a tokenizer object is not stable across calls.
         fingerprint = Hasher.hash([raw._fingerprint, resolve(self.backbone), tokenizer.vocab_size,
                                    type(tokenizer).__name__, fields, max_length, self.task.labels, "v1"])
-        ds = raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names, new_fingerprint=fingerprint,
+        ds = raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names,
+                     new_fingerprint=fingerprint,
                      desc=f"tokenising {self.task.name} {split}")
         return ds.select_columns([c for c in MODEL_INPUTS if c in ds.column_names])
 

