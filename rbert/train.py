@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rbert.errors import ConfigError
@@ -33,6 +34,28 @@ def check_checkpoint(path: str) -> str:
     return str(file)
 
 
+def stored_stage(ckpt_path: str) -> int:
+    """The training stage a checkpoint was saved in (multi-stage objectives resume there)."""
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("rbert_stage", 0)
+
+
+def make_trainer(cfg: DictConfig, model, loggers: list, stage: int, num_stages: int):
+    """A Trainer (and its checkpoint callback) for one training stage."""
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    checkpointing = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
+    model.set_stage(stage)
+    overrides = {}
+    if num_stages > 1:
+        overrides["max_epochs"] = model.stage_epochs[stage]
+        if checkpointing is not None:
+            checkpointing.dirpath = f"{checkpointing.dirpath}/stage{stage + 1}"
+    if checkpointing is not None:
+        checkpointing.monitor = model.monitor()
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      enable_checkpointing=checkpointing is not None, **overrides)
+    return trainer, checkpointing
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (``cfg.train``) and test (``cfg.test``); return the test metrics."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -44,17 +67,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     loggers = instantiate_all(cfg.get("logger"))
-    callbacks = instantiate_all(cfg.get("callbacks"))
-    checkpointing = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing is not None
-    )
     for lg in loggers:
         lg.log_hyperparams(model.run_config)
 
-    if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        # Test the best checkpoint when there is one, else the weights in hand.
+    num_stages = len(model.stage_epochs or [None])
+    first = stored_stage(ckpt_path) if ckpt_path else 0
+    if not cfg.train:
+        trainer, checkpointing = make_trainer(cfg, model, loggers, first, num_stages)
+    else:
+        # One fit per stage; a resumed run goes on in the stage its checkpoint was saved in,
+        # and each later stage starts from the weights the previous one ended with.
+        resume = ckpt_path
+        for stage in range(first, num_stages):
+            trainer, checkpointing = make_trainer(cfg, model, loggers, stage, num_stages)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            resume = None
+        # Test the (last stage's) best checkpoint when there is one, else the weights in hand.
         ckpt_path = (checkpointing.best_model_path or None) if checkpointing else None
     results: dict[str, float] = {}
     if cfg.test:

@@ -16,7 +16,9 @@ from rbert.train import instantiate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
-OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / group).glob("*.yaml"))]
+# Files starting with "_" are fragments that options include, not options.
+OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / group).glob("*.yaml"))
+           if not yaml.stem.startswith("_")]
 
 
 def make_config(overrides: list[str], tmp_path: Path) -> DictConfig:

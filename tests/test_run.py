@@ -96,3 +96,37 @@ def test_bad_input_gives_one_clear_line(overrides, message, glue_dir, tmp_path):
     assert message.format(**paths) in proc.stderr
     if message.startswith("error:"):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_deebert_stage2_leaves_backbone_and_final_exit_bit_for_bit(glue_dir, tmp_path):
+    run_cli(tmp_path / "run", "model=deebert", f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null",
+            "model.optimizer.lr=1e-3")
+    ckpts = tmp_path / "run" / "checkpoints"
+    before, after = state(ckpts / "stage1" / "last.ckpt"), state(ckpts / "stage2" / "last.ckpt")
+    last_exit = max(int(k.split(".")[2]) for k in before if k.startswith("net.exits."))
+    frozen = [k for k in before if k.startswith(("net.bert.", f"net.exits.{last_exit}."))]
+    trained = [k for k in before if k.startswith("net.exits.") and k not in frozen]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("classifier.weight"))
+    table = results(tmp_path / "run")["test"]
+    assert {f"test/exit_{i}/accuracy" for i in (1, 2, 3, 4)} <= set(table)
+
+
+def test_romebert_same_update_with_ddp_and_with_accumulation(glue_dir, tmp_path):
+    """GR sees the same gradients in 2-process DDP, with accumulation, and in one big batch."""
+    common = ["model=romebert", f"data_dir={glue_dir}", "data.shuffle=false", "data.train_limit=null",
+              "model.net.bert.dropout=0.0", "model.net.dropout=0.0", "trainer.max_steps=3", "test=false",
+              "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "logger=none"]
+    run_cli(tmp_path / "one", *common, "data.batch_size=8")
+    run_cli(tmp_path / "accumulate", *common, "data.batch_size=4", "trainer.accumulate_grad_batches=2")
+    run_cli(tmp_path / "ddp", *common, "data.batch_size=4", "trainer=ddp_cpu")
+    one = state(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    for other in ("accumulate", "ddp"):
+        theirs = state(tmp_path / other / "checkpoints" / "last.ckpt")
+        for k, v in one.items():
+            torch.testing.assert_close(theirs[k], v, rtol=1e-4, atol=2e-5, msg=lambda m, k=k, o=other: f"{o} {k}: {m}")

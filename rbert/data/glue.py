@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import pytorch_lightning as pl
 from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import DataCollatorWithPadding
 
 from rbert.data.tasks import TaskSpec
@@ -72,11 +72,12 @@ class GlueDataModule(pl.LightningDataModule):
         train_limit: train on a random subset of this many rows (``None``: all).
         seed: picks the ``train_limit`` subset.
         cache_dir: where ``datasets`` keeps its Arrow caches (``None``: its default).
+        shuffle: shuffle the training rows each epoch (off only to compare runs batch for batch).
     """
 
     def __init__(self, task: TaskSpec, backbone: str, data_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int = 128, train_limit: int | None = None,
-                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None):
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None, shuffle: bool = True):
         super().__init__()
         self.task = task
         self.backbone = backbone
@@ -88,6 +89,7 @@ class GlueDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.shuffle = shuffle
         self.tokenizer = load_tokenizer(backbone)
         self.collate = DataCollatorWithPadding(self.tokenizer)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -202,7 +204,13 @@ class GlueDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+        train = self.splits["train"]
+        if not self.shuffle and self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's own distributed sampler always shuffles training data; keep file order.
+            sampler = DistributedSampler(train, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+            return DataLoader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._loader(train, self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.task.eval_splits]

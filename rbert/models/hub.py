@@ -44,12 +44,18 @@ def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve(backbone))
 
 
-def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense") -> BertModel:
-    """A :class:`BertModel` with ``backbone``'s weights (random ones for ``tiny``)."""
+def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense",
+                 dropout: float | None = None) -> BertModel:
+    """A :class:`BertModel` with ``backbone``'s weights (random ones for ``tiny``).
+
+    ``dropout`` overrides the checkpoint's hidden and attention dropout rates.
+    """
+    overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if backbone == "tiny":
-        config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG)
+        config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG, **overrides)
         return BertModel(config, attention=attention, feed_forward=feed_forward)
     try:
-        return BertModel.from_pretrained(resolve(backbone), attention=attention, feed_forward=feed_forward)
+        return BertModel.from_pretrained(resolve(backbone), attention=attention, feed_forward=feed_forward,
+                                         **overrides)
     except OSError as err:  # transformers' "not found / no network" errors
         raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err

@@ -2,5 +2,6 @@
 
 from rbert.systems.base import TaskSystem
 from rbert.systems.classifier import SequenceClassifier
+from rbert.systems.multi_exit import PABEE, DeeBERT, MultiExitSystem, RomeBERT
 
-__all__ = ["SequenceClassifier", "TaskSystem"]
+__all__ = ["PABEE", "DeeBERT", "MultiExitSystem", "RomeBERT", "SequenceClassifier", "TaskSystem"]

@@ -50,6 +50,19 @@ class TaskSystem(pl.LightningModule):
                         self.metrics[self._metric_key(prefix, "final")] = build_metrics(task, f"{prefix}/")
         # Filled by run.py: the composed config, stored in every checkpoint so it can be rebuilt.
         self.run_config: dict | None = None
+        self.stage = 0
+
+    # ------------------------------------------------------------------ stages
+    # Objectives trained in several stages (DeeBERT; CoRe's two phases) set ``stage_epochs``
+    # to one epoch count per stage; run.py then runs one Trainer.fit per stage.
+    stage_epochs: list[int] | None = None
+
+    def set_stage(self, stage: int) -> None:
+        self.stage = stage
+
+    def monitor(self) -> str | None:
+        """The metric that picks the best checkpoint in the current stage (None: keep the last)."""
+        return self.task.monitor_key
 
     # ------------------------------------------------------------------ naming
     @staticmethod
@@ -115,3 +128,4 @@ class TaskSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["rbert_config"] = self.run_config
+

@@ -1,0 +1,215 @@
+"""Multi-exit training objectives: RomeBERT, DeeBERT, PABEE (and their ablations).
+
+All share :class:`MultiExitSystem` (a :class:`~rbert.models.multi_exit.MultiExitBert`
+plus per-exit metrics); they differ in the loss, and DeeBERT in its two stages.
+
+RomeBERT's gradient regularisation (GR) runs inside Lightning's automatic optimisation:
+``training_step`` computes the anchor term's gradient g_A on the regularised weights with
+``torch.autograd.grad`` (a second backward pass, scaled like the loss under fp16), keeps a
+running sum over accumulated micro-batches, and returns the whole loss, whose backward
+leaves g_A + g_M in ``.grad`` (averaged over DDP ranks). ``on_before_optimizer_step``,
+which Lightning calls after unscaling and before clipping, averages g_A over ranks too,
+projects g_M = grad - g_A off g_A when they conflict, and writes g_A + g_M back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rbert.data.tasks import TaskSpec
+from rbert.models.multi_exit import MultiExitBert
+from rbert.systems.base import TaskSystem
+
+
+class MultiExitSystem(TaskSystem):
+    """Base: a multi-exit network whose ``forward`` returns every exit's logits."""
+
+    def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_ratio: float = 0.1):
+        super().__init__(task, optimizer, warmup_ratio, exit_layers=net.exit_layers)
+        self.net = net
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+
+
+class PABEE(MultiExitSystem):
+    """One stage; loss = sum_i i * L_i / sum_i i over exits at layers i (CE, or MSE for regression)."""
+
+    def training_loss(self, batch):
+        logits, labels = self(batch), batch["labels"]
+        weights = torch.tensor(self.exit_layers, dtype=torch.float32, device=labels.device)
+        losses = torch.stack([self.loss(z, labels) for z in logits])
+        return (weights * losses).sum() / weights.sum(), {}
+
+
+class DeeBERT(MultiExitSystem):
+    """Two stages.
+
+    1. backbone + final exit on the final exit's loss (internal exits frozen);
+    2. internal exits only, on the sum of their losses; the backbone and the final exit
+       are frozen (no gradient, not in the optimiser), so they come out bit-for-bit unchanged.
+
+    Each stage is its own ``Trainer.fit`` (see :func:`rbert.train.run`), with a fresh
+    optimiser and schedule, as in the reference code.
+    """
+
+    def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1)):
+        super().__init__(task, net, optimizer, warmup_ratio)
+        if len(stage_epochs) != 2:
+            raise ValueError(f"model.stage_epochs must give two epoch counts, got {stage_epochs}")
+        self.stage_epochs = list(stage_epochs)
+        self.set_stage(0)
+
+    def set_stage(self, stage: int) -> None:
+        super().set_stage(stage)
+        for p in self.net.parameters():  # backbone and final exit: trained in stage 1 only
+            p.requires_grad_(stage == 0)
+        for head in self.net.exits[:-1]:
+            for p in head.parameters():
+                p.requires_grad_(stage == 1)
+
+    def monitor(self) -> str | None:
+        # Stage 2 cannot change the final exit, which the task's metric watches: keep the last weights.
+        return super().monitor() if self.stage == 0 else None
+
+    def training_loss(self, batch):
+        logits, labels = self(batch), batch["labels"]
+        if self.stage == 0:
+            return self.loss(logits[-1], labels), {}
+        return torch.stack([self.loss(z, labels) for z in logits[:-1]]).sum(), {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rbert_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the optimiser is rebuilt and restored: it must be the stage's optimiser.
+        self.set_stage(checkpoint.get("rbert_stage", 0))
+
+
+class RomeBERT(MultiExitSystem):
+    """One stage, exits and backbone together, with self-distillation (SD) and gradient regularisation (GR).
+
+    Loss, with z_L the final exit's logits (detached: the teacher), T the temperature and
+    gamma the distillation weight:
+        L = CE(z_L, y) + sum_{i<L} [(1 - gamma) CE(z_i, y) + gamma T^2 KL(softmax(z_L/T) || softmax(z_i/T))]
+    For regression the distillation term is the MSE to the teacher's prediction.
+    ``self_distillation=false`` gives the plain joint loss (sum of every exit's loss).
+
+    GR splits L into the final term and the exit terms; ``anchor`` says which one keeps its
+    gradient g_A (``final``, ``exits``, or ``auto``: ``final`` for MNLI and QQP, ``exits``
+    elsewhere, as in the reference code); the other's gradient g_M loses its component
+    along g_A when <g_M, g_A> < 0. Only the weight matrices of encoder layers 1..L-1 are
+    regularised; every other parameter gets the plain sum.
+    """
+
+    def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_ratio: float = 0.1, self_distillation: bool = True, temperature: float = 3.0,
+                 gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto"):
+        super().__init__(task, net, optimizer, warmup_ratio)
+        if anchor == "auto":
+            anchor = "final" if task.name in ("mnli", "qqp") else "exits"
+        if anchor not in ("final", "exits"):
+            raise ValueError(f"model.anchor must be final, exits or auto, got {anchor!r}")
+        if not 0.0 <= gamma <= 1.0 or temperature <= 0:
+            raise ValueError(f"model.gamma must lie in [0, 1] and model.temperature be > 0, got {gamma}, {temperature}")
+        self.self_distillation = self_distillation
+        self.temperature = temperature
+        self.gamma = gamma
+        self.gradient_regularization = gradient_regularization
+        self.anchor = anchor
+        layers = net.bert.encoder.layer[:-1]
+        self.gr_params = [p for layer in layers for name, p in layer.named_parameters()
+                          if name.endswith("weight") and p.ndim == 2]
+        self._g_anchor: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ loss
+    def exit_term(self, z: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.self_distillation:
+            return self.loss(z, labels)
+        if self.task.is_regression:
+            distill = F.mse_loss(z.squeeze(-1).float(), teacher.squeeze(-1).float())
+        else:
+            t = self.temperature
+            distill = t * t * F.kl_div(F.log_softmax(z.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
+                                       log_target=True, reduction="batchmean")
+        return (1 - self.gamma) * self.loss(z, labels) + self.gamma * distill
+
+    def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final-exit term, sum of internal-exit terms)."""
+        logits, labels = self(batch), batch["labels"]
+        teacher = logits[-1].detach()
+        final = self.loss(logits[-1], labels)
+        exits = torch.stack([self.exit_term(z, teacher, labels) for z in logits[:-1]]).sum()
+        return final, exits
+
+    def training_loss(self, batch):
+        final, exits = self.loss_terms(batch)
+        logs = {"loss_final": final.detach(), "loss_exits": exits.detach()}
+        if self.gradient_regularization and self.gr_params:
+            self._accumulate_anchor_grad(final if self.anchor == "final" else exits)
+        return final + exits, logs
+
+    # ------------------------------------------------------------------ gradient regularisation
+    def _scaler(self):
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+
+    def _accumulate_anchor_grad(self, anchor_loss: torch.Tensor) -> None:
+        # Scaled like the loss Lightning back-propagates: divided by the accumulation steps,
+        # multiplied by the fp16 loss scale (unscaled again in on_before_optimizer_step).
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+        scaled = anchor_loss / accumulate
+        scaler = self._scaler()
+        if scaler is not None:
+            scaled = scaler.scale(scaled)
+        grads = torch.autograd.grad(scaled, self.gr_params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.gr_params, grads)]
+        if self._g_anchor is None:
+            self._g_anchor = [g.float() for g in grads]
+        else:
+            for total, g in zip(self._g_anchor, grads):
+                total.add_(g.float())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._g_anchor is None:
+            return
+        g_a = torch.cat([g.flatten() for g in self._g_anchor])
+        self._g_anchor = None
+        scaler = self._scaler()
+        if scaler is not None:  # .grad was unscaled already; g_A not yet
+            g_a = g_a / scaler.get_scale()
+        g_a = self.trainer.strategy.reduce(g_a, reduce_op="mean")  # .grad is a DDP mean as well
+        total = torch.cat([p.grad.float().flatten() for p in self.gr_params])
+        stats = project_conflict(g_a, total - g_a)
+        new = g_a + stats.pop("g_m")
+        offset = 0
+        for p in self.gr_params:
+            n = p.numel()
+            p.grad.copy_(new[offset:offset + n].view_as(p))
+            offset += n
+        self.log_dict({f"train/gr_{k}": v for k, v in stats.items()})
+
+
+def project_conflict(g_a: torch.Tensor, g_m: torch.Tensor, eps: float = 1e-20) -> dict[str, torch.Tensor]:
+    """Remove from g_M its component along g_A if the two conflict (<g_M, g_A> < 0).
+
+    Returns the new g_M and, for logging, the angle between the original gradients
+    (degrees), their norms, and whether a projection happened. fp32 throughout.
+    """
+    g_a, g_m = g_a.float(), g_m.float()
+    dot = torch.dot(g_m, g_a)
+    norm_a, norm_m = g_a.norm(), g_m.norm()
+    cos = dot / (norm_a * norm_m).clamp_min(eps)
+    conflict = dot < 0
+    projected = torch.where(conflict, g_m - dot / (norm_a * norm_a).clamp_min(eps) * g_a, g_m)
+    angle = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+    return {"g_m": projected, "angle": angle, "norm_anchor": norm_a, "norm_other": norm_m,
+            "projected": conflict.float(), "cos": cos}
+
+
+__all__ = ["DeeBERT", "MultiExitSystem", "PABEE", "RomeBERT", "project_conflict"]
