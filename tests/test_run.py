@@ -119,14 +119,21 @@ def test_deebert_stage2_leaves_backbone_and_final_exit_bit_for_bit(glue_dir, tmp
 
 def test_romebert_same_update_with_ddp_and_with_accumulation(glue_dir, tmp_path):
     """GR sees the same gradients in 2-process DDP, with accumulation, and in one big batch."""
+    # SGD, so that weights differ as much as gradients do; seed 3 with gamma 0.5 makes the
+    # first step's gradients conflict, so the projection (and its DDP averaging) is exercised.
     common = ["model=romebert", f"data_dir={glue_dir}", "data.shuffle=false", "data.train_limit=null",
               "model.net.bert.dropout=0.0", "model.net.dropout=0.0", "trainer.max_steps=3", "test=false",
-              "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "logger=none"]
+              "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "seed=3", "model.gamma=0.5",
+              "trainer.log_every_n_steps=1"]
     run_cli(tmp_path / "one", *common, "data.batch_size=8")
     run_cli(tmp_path / "accumulate", *common, "data.batch_size=4", "trainer.accumulate_grad_batches=2")
     run_cli(tmp_path / "ddp", *common, "data.batch_size=4", "trainer=ddp_cpu")
+    for run in ("one", "accumulate", "ddp"):
+        with open(tmp_path / run / "csv" / "metrics.csv") as f:
+            projected = [row["train/gr_projected"] for row in csv.DictReader(f) if row.get("train/gr_projected")]
+        assert projected[0] == "1.0", run
     one = state(tmp_path / "one" / "checkpoints" / "last.ckpt")
     for other in ("accumulate", "ddp"):
         theirs = state(tmp_path / other / "checkpoints" / "last.ckpt")
         for k, v in one.items():
-            torch.testing.assert_close(theirs[k], v, rtol=1e-4, atol=2e-5, msg=lambda m, k=k, o=other: f"{o} {k}: {m}")
+            torch.testing.assert_close(theirs[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k, o=other: f"{o} {k}: {m}")
