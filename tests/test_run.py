@@ -137,3 +137,22 @@ def test_romebert_same_update_with_ddp_and_with_accumulation(glue_dir, tmp_path)
         theirs = state(tmp_path / other / "checkpoints" / "last.ckpt")
         for k, v in one.items():
             torch.testing.assert_close(theirs[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k, o=other: f"{o} {k}: {m}")
+
+
+def test_romebert_mixed_precision_on_cpu(glue_dir, tmp_path):
+    run_cli(tmp_path / "run", "model=romebert", f"data_dir={glue_dir}", "trainer.precision=bf16-mixed",
+            "debug=limit", "trainer.log_every_n_steps=1")
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        angles = [float(r["train/gr_angle"]) for r in csv.DictReader(f) if r.get("train/gr_angle")]
+    assert angles and all(0 <= a <= 180 for a in angles)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["bert", "romebert", "deebert"])
+def test_gpu_amp(model, glue_dir, tmp_path):
+    """fp16 with loss scaling on one GPU (GR unscales its own gradient with the same scale)."""
+    run_cli(tmp_path / "run", f"model={model}", "trainer=amp", f"data_dir={glue_dir}", "debug=limit",
+            "trainer.log_every_n_steps=1")
+    res = results(tmp_path / "run")["test"]
+    assert all(v == v for v in res.values())  # no NaN

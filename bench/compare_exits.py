@@ -1,0 +1,86 @@
+"""Per-exit dev accuracy of multi-exit objectives trained with the same budget and seed.
+
+Runs ``python run.py`` once per configuration (sequentially), reads each run's
+``results.json`` and prints one table: a row per configuration, a column per exit.
+
+    python bench/compare_exits.py --data-dir ../shared/data/glue --train-limit 8000 --seeds 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rbert.report import format_table, write_json  # noqa: E402
+
+# name -> run.py overrides
+CONFIGS = {
+    "deebert (mean)": ["model=deebert"],
+    "pabee (mean)": ["model=pabee"],
+    "romebert-SD (mean)": ["model=romebert_sd"],
+    "romebert SD+GR (mean)": ["model=romebert"],
+    "deebert (cls)": ["model=deebert", "model.net.pooling=cls"],
+    "romebert SD+GR (cls)": ["model=romebert", "model.net.pooling=cls"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data/glue")
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--train-limit", default="8000")
+    parser.add_argument("--lr", default="5e-5")
+    parser.add_argument("--batch-size", default="32")
+    parser.add_argument("--seeds", default="42", help="comma-separated")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
+    parser.add_argument("--runs-dir", default="logs/compare_exits")
+    parser.add_argument("--out", default="bench/results/compare_exits.json")
+    args = parser.parse_args()
+
+    runs = []
+    for name in args.configs.split(","):
+        for seed in args.seeds.split(","):
+            run_dir = Path(args.runs_dir) / f"{name.replace(' ', '_')}_s{seed}"
+            cmd = [sys.executable, "run.py", f"task={args.task}", f"backbone={args.backbone}",
+                   f"data_dir={args.data_dir}", f"data.train_limit={args.train_limit}", f"seed={seed}",
+                   f"data.batch_size={args.batch_size}", f"model.optimizer.lr={args.lr}",
+                   f"hydra.run.dir={run_dir}", "logger=csv", *CONFIGS[name]]
+            print("$", " ".join(cmd[1:]), flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           stdout=subprocess.DEVNULL)
+            result = json.loads((REPO / run_dir / "results.json").read_text())
+            runs.append({"config": name, "seed": int(seed), "seconds": time.perf_counter() - start,
+                         "test": result["test"], "command": " ".join(cmd[1:])})
+
+    metric = "accuracy"
+    rows = []
+    for name in args.configs.split(","):
+        mine = [r for r in runs if r["config"] == name]
+        exits = sorted({k for r in mine for k in r["test"] if k.startswith("test/exit_") and k.endswith(metric)},
+                       key=lambda k: int(k.split("/")[1].split("_")[1]))
+        row = {"config": name, "seeds": len(mine)}
+        for key in exits:
+            row[key.split("/")[1]] = 100 * statistics.mean(r["test"][key] for r in mine)
+        row["minutes"] = statistics.mean(r["seconds"] for r in mine) / 60
+        rows.append(row)
+    print(f"\n{args.task} dev {metric} (%) per exit, mean over seeds {args.seeds}; train rows {args.train_limit}")
+    print(format_table(rows, floatfmt="{:.1f}"))
+    meta = {"date": date.today().isoformat(), "task": args.task, "backbone": args.backbone,
+            "train_limit": args.train_limit, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds}
+    write_json(args.out, {"meta": meta, "table": rows, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
