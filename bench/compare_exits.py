@@ -23,14 +23,14 @@ sys.path.insert(0, str(REPO))
 
 from rbert.report import format_table, write_json  # noqa: E402
 
-# name -> run.py overrides
+# name (model-pooling) -> run.py overrides; romebert is SD + GR, romebert_sd is SD only.
 CONFIGS = {
-    "deebert (mean)": ["model=deebert"],
-    "pabee (mean)": ["model=pabee"],
-    "romebert-SD (mean)": ["model=romebert_sd"],
-    "romebert SD+GR (mean)": ["model=romebert"],
-    "deebert (cls)": ["model=deebert", "model.net.pooling=cls"],
-    "romebert SD+GR (cls)": ["model=romebert", "model.net.pooling=cls"],
+    "deebert-mean": ["model=deebert"],
+    "pabee-mean": ["model=pabee"],
+    "romebert_sd-mean": ["model=romebert_sd"],
+    "romebert-mean": ["model=romebert"],
+    "deebert-cls": ["model=deebert", "model.net.pooling=cls"],
+    "romebert-cls": ["model=romebert", "model.net.pooling=cls"],
 }
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     runs = []
     for name in args.configs.split(","):
         for seed in args.seeds.split(","):
-            run_dir = Path(args.runs_dir) / f"{name.replace(' ', '_')}_s{seed}"
+            run_dir = Path(args.runs_dir) / f"{name}_s{seed}"
             cmd = [sys.executable, "run.py", f"task={args.task}", f"backbone={args.backbone}",
                    f"data_dir={args.data_dir}", f"data.train_limit={args.train_limit}", f"seed={seed}",
                    f"data.batch_size={args.batch_size}", f"model.optimizer.lr={args.lr}",

@@ -55,4 +55,8 @@ def metrics_table(results: dict[str, float]) -> str:
     def order(name: str) -> float:
         return float(name.split()[1]) if name.startswith("exit ") else float("inf")
 
-    return format_table([rows[k] for k in sorted(rows, key=order)])
+    ordered = [rows[k] for k in sorted(rows, key=order)]
+    if len(ordered) > 1:  # the final exit is also the last numbered one: show it once
+        ordered.pop()
+        ordered[-1]["exit"] += " (final)"
+    return format_table(ordered)

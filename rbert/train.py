@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rbert.errors import ConfigError
@@ -95,7 +96,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def report(cfg: DictConfig, task, results: dict[str, float], ckpt_path: str | None, checkpointing) -> None:
     """Print the result table and write ``results.json`` in the run folder."""
-    header = f"task={task.name} model={cfg.model._target_.rsplit('.', 1)[-1]} backbone={cfg.backbone} seed={cfg.seed}"
+    model = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else cfg.model._target_
+    header = f"task={task.name} model={model} backbone={cfg.backbone} seed={cfg.seed}"
     if "test" not in task.splits:
         header += "  (test = dev set(s): GLUE test labels are hidden)"
     print(f"\n{header}\n{metrics_table(results)}\n")

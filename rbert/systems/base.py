@@ -41,13 +41,15 @@ class TaskSystem(pl.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.exit_layers = list(exit_layers)
         self.metrics = nn.ModuleDict()
+        multi = len(self.exit_layers) > 1
         for stage in ("val", "test"):
             for prefix in task.prefixes(stage):
-                for i, layer in enumerate(self.exit_layers):
-                    final = i == len(self.exit_layers) - 1
-                    self.metrics[self._metric_key(prefix, i)] = build_metrics(task, self._metric_prefix(prefix, layer))
-                    if final and len(self.exit_layers) > 1:  # the final exit also under the plain name
-                        self.metrics[self._metric_key(prefix, "final")] = build_metrics(task, f"{prefix}/")
+                names = {i: f"{prefix}/exit_{layer}/" if multi else f"{prefix}/"
+                         for i, layer in enumerate(self.exit_layers)}
+                if multi:  # the final exit also under the plain name
+                    names["final"] = f"{prefix}/"
+                for key, name in names.items():
+                    self.metrics[self._metric_key(prefix, key)] = build_metrics(task, name)
         # Filled by run.py: the composed config, stored in every checkpoint so it can be rebuilt.
         self.run_config: dict | None = None
         self.stage = 0
@@ -68,9 +70,6 @@ class TaskSystem(pl.LightningModule):
     @staticmethod
     def _metric_key(prefix: str, exit_index: int | str) -> str:
         return f"{prefix}-{exit_index}"
-
-    def _metric_prefix(self, prefix: str, layer: int) -> str:
-        return f"{prefix}/exit_{layer}/" if len(self.exit_layers) > 1 else f"{prefix}/"
 
     # ------------------------------------------------------------------ to be defined by subclasses
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
