@@ -1,0 +1,100 @@
+"""Early-exit inference that really skips layers.
+
+:func:`early_exit` runs a :class:`~rbert.models.MultiExitBert` layer by layer on a batch;
+at every exit the policy decides which samples leave. Those are answered and dropped from
+the batch (and trailing padding that no remaining sample needs is cut off), so later
+layers run on fewer, shorter rows: compute shrinks for real.
+
+:func:`simulate` gives the same answers from one full forward pass (every exit's logits),
+which makes threshold sweeps cheap; tests check that both agree with each other and with
+running each sample alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rbert.inference.policies import ExitPolicy
+from rbert.models.multi_exit import MultiExitBert
+
+
+@dataclass
+class ExitResult:
+    logits: torch.Tensor      # (batch, num_labels): the answering exit's logits
+    exit_layer: torch.Tensor  # (batch,): layer number (1-based) each sample left at
+
+
+def _take(state, keep: torch.Tensor):
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(_take(s, keep) for s in state)
+    return state[keep]
+
+
+@torch.no_grad()
+def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+               trim_padding: bool = True) -> ExitResult:
+    """Answer every sample at the first exit ``policy`` trusts (the last exit answers the rest).
+
+    Padding must be on the right (as BERT tokenizers pad), for ``trim_padding``.
+    """
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    bert = model.bert
+    exit_index = {layer: i for i, layer in enumerate(model.exit_layers)}
+    last = model.exit_layers[-1]
+
+    hidden = bert.embed(input_ids, token_type_ids)
+    mask = attention_mask
+    rows = torch.arange(batch, device=device)  # where the running samples sit in the batch
+    state = policy.start(batch, device)
+    logits_out: torch.Tensor | None = None
+    exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+
+    for n, layer in enumerate(bert.encoder.layer[:last], start=1):
+        hidden = layer(hidden, bert.attention_bias(mask))
+        if n not in exit_index:
+            continue
+        logits = model.exit_logits(exit_index[n], hidden, mask)
+        if logits_out is None:
+            logits_out = logits.new_empty(batch, logits.shape[-1])
+        leave, state = policy.decide(logits, n, state)
+        if n == last:
+            leave = torch.ones_like(leave)
+        if not leave.any():
+            continue
+        logits_out[rows[leave]] = logits[leave]
+        exit_layer[rows[leave]] = n
+        keep = ~leave
+        if not keep.any():
+            break
+        hidden, mask, rows, state = hidden[keep], mask[keep], rows[keep], _take(state, keep)
+        if trim_padding:
+            length = int(mask.sum(dim=1).max())
+            hidden, mask = hidden[:, :length], mask[:, :length]
+    return ExitResult(logits_out, exit_layer)
+
+
+def simulate(policy: ExitPolicy, exit_logits: list[torch.Tensor], exit_layers: list[int]) -> ExitResult:
+    """What :func:`early_exit` answers, from every exit's logits of a full forward pass."""
+    batch = exit_logits[0].shape[0]
+    device = exit_logits[0].device
+    state = policy.start(batch, device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.empty_like(exit_logits[-1])
+    exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+    for logits, layer in zip(exit_logits, exit_layers):
+        leave, state = policy.decide(logits, layer, state)
+        if layer == exit_layers[-1]:
+            leave = torch.ones_like(leave)
+        new = leave & ~done
+        out[new] = logits[new]
+        exit_layer[new] = layer
+        done |= new
+    return ExitResult(out, exit_layer)

@@ -1,0 +1,189 @@
+"""Exit policies: after each exit, which samples may leave?
+
+A policy is a small object with two methods:
+
+* ``start(batch_size, device)`` returns its per-sample state (or None);
+* ``decide(logits, layer, state) -> (exit_now, state)`` gets one exit's logits (and its
+  layer number) for the samples still running and says, per sample, whether to leave here.
+
+The engine calls ``decide`` once per exit, in layer order, and takes ``state[keep]``
+itself when samples leave, so a state is a tensor (or tuple of tensors) indexed by sample.
+The last exit always answers whatever the policy says. Policies know nothing of models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from rbert.errors import ConfigError
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Prediction entropy in nats, computed stably from log-softmax (fp32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+class ExitPolicy:
+    """Base class. ``sweep`` lists the thresholds ``mode=eval`` tries (None: not sweepable)."""
+
+    name = "policy"
+    needs_exits = True  # False: runs on a single-exit model
+    regression_ok = True
+    sweep: Sequence[float] | None = None
+
+    def start(self, batch_size: int, device: torch.device):
+        return None
+
+    def decide(self, logits: torch.Tensor, layer: int, state):
+        raise NotImplementedError
+
+    def with_threshold(self, value: float) -> ExitPolicy:
+        """The same policy with another threshold (for sweeps)."""
+        raise ConfigError(f"exit_policy={self.name} has no threshold to sweep")
+
+    def check(self, num_labels: int, num_exits: int) -> None:
+        """Fail clearly if the policy cannot run on this model."""
+        if self.needs_exits and num_exits < 2:
+            raise ConfigError(f"exit_policy={self.name} needs a multi-exit model, but the checkpoint has one exit")
+        if num_labels == 1 and not self.regression_ok:
+            raise ConfigError(f"exit_policy={self.name} needs class probabilities; the task is a regression")
+
+    def describe(self) -> str:
+        return self.name
+
+
+class NoExit(ExitPolicy):
+    """Every sample runs to the last layer."""
+
+    name = "none"
+    needs_exits = False
+
+    def decide(self, logits, layer, state):
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
+
+
+class FixedExit(ExitPolicy):
+    """Every sample leaves at layer ``layer`` (or the first exit at or after it)."""
+
+    name = "fixed"
+
+    def __init__(self, layer: int, sweep: Sequence[float] | None = None):
+        if layer < 1:
+            raise ConfigError(f"exit_policy.layer must be >= 1, got {layer}")
+        self.layer = int(layer)
+        self.sweep = sweep
+
+    def decide(self, logits, layer, state):
+        return torch.full((logits.shape[0],), layer >= self.layer, dtype=torch.bool, device=logits.device), state
+
+    def with_threshold(self, value: float) -> FixedExit:
+        return FixedExit(int(value), self.sweep)
+
+    def describe(self) -> str:
+        return f"fixed(layer={self.layer})"
+
+
+class EntropyExit(ExitPolicy):
+    """Leave at the first exit whose prediction entropy is below ``threshold`` (DeeBERT, RomeBERT).
+
+    ``normalized=true`` reads the threshold as a fraction of the largest entropy ln(C), so
+    one value means the same on every task; a raw threshold must stay below ln(C), else
+    every sample would leave at the first exit.
+    """
+
+    name = "entropy"
+    regression_ok = False
+
+    def __init__(self, threshold: float, normalized: bool = True, sweep: Sequence[float] | None = None):
+        self.threshold = float(threshold)
+        self.normalized = normalized
+        self.sweep = sweep
+        if normalized and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"exit_policy.threshold: a normalised entropy threshold lies in [0, 1], got {threshold}")
+        if not normalized and self.threshold < 0:
+            raise ConfigError(f"exit_policy.threshold must be >= 0, got {threshold}")
+
+    def check(self, num_labels, num_exits):
+        super().check(num_labels, num_exits)
+        if not self.normalized and self.threshold >= math.log(num_labels):
+            raise ConfigError(f"exit_policy.threshold={self.threshold} >= ln({num_labels}) = "
+                              f"{math.log(num_labels):.3f}: every sample would leave at the first exit")
+
+    def decide(self, logits, layer, state):
+        h = entropy(logits)
+        if self.normalized:
+            h = h / math.log(logits.shape[-1])
+        return h < self.threshold, state
+
+    def with_threshold(self, value):
+        return EntropyExit(value, self.normalized, self.sweep)
+
+    def describe(self):
+        return f"entropy({'normalised ' if self.normalized else ''}threshold={self.threshold:g})"
+
+
+class ConfidenceExit(ExitPolicy):
+    """Leave once the top class probability reaches ``threshold``."""
+
+    name = "confidence"
+    regression_ok = False
+
+    def __init__(self, threshold: float, sweep: Sequence[float] | None = None):
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"exit_policy.threshold: a confidence threshold lies in (0, 1], got {threshold}")
+        self.threshold = float(threshold)
+        self.sweep = sweep
+
+    def decide(self, logits, layer, state):
+        return torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= self.threshold, state
+
+    def with_threshold(self, value):
+        return ConfidenceExit(value, self.sweep)
+
+    def describe(self):
+        return f"confidence(threshold={self.threshold:g})"
+
+
+class PatienceExit(ExitPolicy):
+    """Leave once the prediction stayed the same for ``patience`` consecutive exits (PABEE).
+
+    For regression, "the same" means within ``tolerance`` of the previous exit's value.
+    """
+
+    name = "patience"
+
+    def __init__(self, patience: int, tolerance: float = 0.1, sweep: Sequence[float] | None = None):
+        if patience < 1:
+            raise ConfigError(f"exit_policy.patience must be >= 1, got {patience}")
+        self.patience = int(patience)
+        self.tolerance = float(tolerance)
+        self.sweep = sweep
+
+    def start(self, batch_size, device):
+        # (previous prediction, how many exits in a row agreed with it); NaN: no exit seen yet
+        return torch.full((batch_size,), float("nan"), device=device), torch.zeros(batch_size, dtype=torch.long,
+                                                                                    device=device)
+
+    def decide(self, logits, layer, state):
+        previous, count = state
+        if logits.shape[-1] == 1:
+            prediction = logits.squeeze(-1).float()
+            same = (prediction - previous).abs() < self.tolerance
+        else:
+            prediction = logits.argmax(dim=-1).float()
+            same = prediction == previous
+        count = torch.where(same, count + 1, torch.zeros_like(count))
+        return count >= self.patience, (prediction, count)
+
+    def with_threshold(self, value):
+        return PatienceExit(int(value), self.tolerance, self.sweep)
+
+    def describe(self):
+        return f"patience({self.patience})"
+
+
+POLICIES = {cls.name: cls for cls in (NoExit, FixedExit, EntropyExit, ConfidenceExit, PatienceExit)}
