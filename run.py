@@ -25,9 +25,20 @@ def config_error(err: BaseException):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from rbert.train import run  # imported late so that --help and config errors are fast
+    # Imported late so that --help and config errors are fast.
+    from rbert.errors import ConfigError
+    from rbert.inference.evaluate import evaluate, predict
+    from rbert.train import run
 
     try:
+        if cfg.mode == "eval":
+            evaluate(cfg)
+            return None
+        if cfg.mode == "predict":
+            predict(cfg)
+            return None
+        if cfg.mode != "train":
+            raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose train, eval or predict")
         results = run(cfg)
     except Exception as err:
         bad_input = config_error(err)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
 
-def read_table(path: Path, task: TaskSpec, cache_dir: str | None = None) -> datasets.Dataset:
+def read_table(path: Path, task: TaskSpec, cache_dir: str | None = None, require_label: bool = True
+               ) -> datasets.Dataset:
     """One local file as a Dataset with canonical column names: the text fields and ``label``."""
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv", ".txt"):
@@ -51,7 +52,8 @@ def read_table(path: Path, task: TaskSpec, cache_dir: str | None = None) -> data
     except Exception as err:  # pandas/arrow parse errors carry no file name
         raise ConfigError(f"{path}: cannot parse as {builder}: {str(err).splitlines()[0]}") from err
     wanted = {task.file_column(c): c for c in task.text_fields}
-    wanted[task.file_column(task.label_field)] = "label"
+    if require_label:
+        wanted[task.file_column(task.label_field)] = "label"
     for column in wanted:
         if column not in ds.column_names:
             raise ConfigError(f"{path}: missing column {column!r} needed by task {task.name}; "

@@ -187,3 +187,50 @@ class PatienceExit(ExitPolicy):
 
 
 POLICIES = {cls.name: cls for cls in (NoExit, FixedExit, EntropyExit, ConfidenceExit, PatienceExit)}
+
+
+class BudgetExit(ExitPolicy):
+    """Choose the threshold of a ``base`` policy on the dev set to meet a target.
+
+    Give ``speedup`` (layer-count speed-up to reach, e.g. 2.0: the smallest metric drop
+    that reaches it) or ``max_drop`` (metric points one may lose, e.g. 1.0: the largest
+    speed-up within it). ``mode=eval`` reports what the chosen threshold reached.
+    """
+
+    name = "budget"
+
+    def __init__(self, base: ExitPolicy, speedup: float | None = None, max_drop: float | None = None):
+        if (speedup is None) == (max_drop is None):
+            raise ConfigError("exit_policy: budget needs exactly one of speedup or max_drop")
+        if base.sweep is None:
+            raise ConfigError(f"exit_policy.base: {base.name} has no thresholds to choose from")
+        self.base, self.speedup, self.max_drop = base, speedup, max_drop
+        self.sweep = base.sweep
+
+    def check(self, num_labels, num_exits):
+        self.base.check(num_labels, num_exits)
+
+    def decide(self, logits, layer, state):
+        raise RuntimeError("a budget policy must choose its threshold first (BudgetExit.choose)")
+
+    def choose(self, rows: list[dict], as_policy: bool = False):
+        """The sweep row (``threshold``, ``layer_speedup``, ``drop``) that meets the target best."""
+        if self.max_drop is not None:
+            ok = [r for r in rows if r["drop"] <= self.max_drop]
+            best = max(ok, key=lambda r: r["layer_speedup"]) if ok else min(rows, key=lambda r: r["drop"])
+        else:
+            ok = [r for r in rows if r["layer_speedup"] >= self.speedup]
+            best = min(ok, key=lambda r: r["drop"]) if ok else max(rows, key=lambda r: r["layer_speedup"])
+        if as_policy:
+            if not ok:
+                raise ConfigError(f"exit_policy: no {self.base.name} threshold in the sweep meets {self.describe()}")
+            return self.base.with_threshold(best["threshold"])
+        return {"target": self.describe(), "met": bool(ok), "threshold": best["threshold"],
+                "layer_speedup": best["layer_speedup"], "drop": best["drop"]}
+
+    def describe(self):
+        target = f"speedup>={self.speedup:g}" if self.speedup is not None else f"drop<={self.max_drop:g}"
+        return f"budget({self.base.name}, {target})"
+
+
+POLICIES["budget"] = BudgetExit

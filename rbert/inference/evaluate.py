@@ -1,0 +1,253 @@
+"""``mode=eval`` and ``mode=predict``: early-exit evaluation and prediction from a checkpoint.
+
+eval, on the task's first dev set:
+  * forced per-exit metrics (every sample through exit i), from one full forward pass;
+  * a threshold sweep of the chosen policy: metric vs layer-count speed-up (L / mean exit
+    layer) and expected saving, simulated from that pass (exactly what the engine answers);
+  * measured wall-clock time of the engine at batch size 1 and batched, against a full
+    forward pass, for every sweep point;
+  * a table, ``sweep.csv`` / ``eval.json`` and ``sweep.png`` in the run folder (and W&B).
+predict: answers a file of texts with the engine, writing each prediction and its exit layer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rbert.data.tasks import TaskSpec
+from rbert.errors import ConfigError
+from rbert.inference.engine import early_exit, simulate
+from rbert.inference.plot import plot_curves
+from rbert.inference.policies import BudgetExit, ExitPolicy
+from rbert.metrics import build_metrics, predictions
+from rbert.models.multi_exit import MultiExitBert
+from rbert.report import atomic_write_text, format_table, write_json
+from rbert.systems.base import TaskSystem
+from rbert.train import check_checkpoint, instantiate_all
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- loading
+def load_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig]:
+    """Rebuild a trained system from its checkpoint (the config that trained it is stored inside)."""
+    ckpt = torch.load(check_checkpoint(ckpt_path), map_location="cpu", weights_only=False)
+    if "rbert_config" not in ckpt:
+        raise ConfigError(f"ckpt_path: {ckpt_path} was not written by rbert's run.py (no rbert_config inside)")
+    train_cfg = OmegaConf.create(ckpt["rbert_config"])
+    task = hydra.utils.instantiate(train_cfg.task)
+    system = hydra.utils.instantiate(train_cfg.model, _partial_=True)(task=task)
+    system.load_state_dict(ckpt["state_dict"])
+    return system.eval(), train_cfg
+
+
+def multi_exit_net(system: TaskSystem, policy: ExitPolicy) -> MultiExitBert | None:
+    net = getattr(system, "net", None)
+    policy.check(system.task.num_labels, len(system.exit_layers))
+    return net if isinstance(net, MultiExitBert) else None
+
+
+def task_metric(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    metrics = build_metrics(task)
+    metrics.update(predictions(logits, task), labels)
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+# ---------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def exit_logits(system: TaskSystem, loader, device: torch.device, autocast) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every exit's logits on every sample (one full pass), and the labels."""
+    outs, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            outs.append([z.float().cpu() for z in system(batch)])
+        labels.append(batch["labels"].cpu())
+    return [torch.cat(per_exit) for per_exit in zip(*outs)], torch.cat(labels)
+
+
+def time_runs(net: MultiExitBert, policy: ExitPolicy | None, batches: list[dict], device, autocast,
+              repeats: int = 3) -> float:
+    """Seconds to answer ``batches`` with the engine (``policy=None``: a plain full forward pass).
+
+    The best of ``repeats`` passes, so that a stall of the machine does not count.
+    """
+    last = len(net.exit_layers) - 1
+
+    def full(b):
+        hidden = net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"]).last_hidden_state
+        return net.exit_logits(last, hidden, b["attention_mask"])
+
+    with torch.no_grad(), autocast():
+        run = full if policy is None else (lambda b: early_exit(net, policy, b["input_ids"], b["attention_mask"],
+                                                                b["token_type_ids"]))
+        run(batches[0])  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for b in batches:
+                run(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def sweep(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tensor, layers: list[int],
+          task: TaskSpec) -> list[dict]:
+    """Simulated metric and layer-count speed-up for each threshold of ``policy.sweep``."""
+    num_layers = layers[-1]
+    full = task_metric(task, logits[-1], labels)[task.monitor]
+    rows = []
+    for value in policy.sweep or [None]:
+        p = policy if value is None else policy.with_threshold(value)
+        result = simulate(p, logits, layers)
+        mean_layer = result.exit_layer.float().mean().item()
+        metrics = task_metric(task, result.logits, labels)
+        rows.append({"policy": p.describe(), "threshold": value, **metrics,
+                     "drop": 100 * (full - metrics[task.monitor]), "mean_exit_layer": mean_layer,
+                     "layer_speedup": num_layers / mean_layer, "expected_saving": 1 - mean_layer / num_layers})
+    return rows
+
+
+# ---------------------------------------------------------------------------- modes
+def _setup(cfg: DictConfig):
+    policy: ExitPolicy = hydra.utils.instantiate(cfg.exit_policy)
+    system, train_cfg = load_system(cfg.ckpt_path)
+    net = multi_exit_net(system, policy.base if isinstance(policy, BudgetExit) else policy)
+    device = torch.device(cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    system.to(device)
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.eval.amp]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)(task=system.task, backbone=train_cfg.backbone)
+    return policy, system, net, device, autocast, datamodule, train_cfg
+
+
+def _dev_loader(datamodule):
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()[0]
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path: mode=eval needs the checkpoint to evaluate")
+    policy, system, net, device, autocast, datamodule, train_cfg = _setup(cfg)
+    task = system.task
+    loader = _dev_loader(datamodule)
+    logits, labels = exit_logits(system, loader, device, autocast)
+    layers = system.exit_layers
+    forced = [{"exit": f"exit {layer}", **task_metric(task, z, labels)} for layer, z in zip(layers, logits)]
+    out = Path(cfg.paths.output_dir)
+    print(f"\nforced exits, {task.name} dev ({len(labels)} samples)\n{format_table(forced)}")
+    model_name = str(train_cfg.model._target_).rsplit(".", 1)[-1]
+    label = cfg.eval.label or f"{model_name} / {policy.name}"
+    summary = {"checkpoint": cfg.ckpt_path, "task": task.name, "model": model_name, "label": label,
+               "metric": task.monitor, "policy": policy.describe(), "forced": forced}
+    if net is None:  # a single-exit model: nothing to sweep
+        write_json(out / "eval.json", summary)
+        return summary
+
+    base = policy.base if isinstance(policy, BudgetExit) else policy
+    rows = sweep(base, logits, labels, layers, task)
+    # Wall-clock: bs=1 on the first dev samples (no padding), and batched, against a full pass.
+    single = [{k: (v[i:i + 1, : int(b["attention_mask"][i].sum())] if v.ndim == 2 else v[i:i + 1]).to(device)
+               for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))][: cfg.eval.timing_samples]
+    batched = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    full_1, full_b = time_runs(net, None, single, device, autocast), time_runs(net, None, batched, device, autocast)
+    for row in rows:
+        p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
+        row["measured_speedup_bs1"] = full_1 / time_runs(net, p, single, device, autocast)
+        row["measured_speedup_batched"] = full_b / time_runs(net, p, batched, device, autocast)
+    summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
+                   timing_samples=len(single), batch_size=loader.batch_size)
+    if isinstance(policy, BudgetExit):
+        summary["budget"] = policy.choose(rows)
+    print(f"\nsweep of {base.name}; speed-ups vs a full forward pass "
+          f"(bs=1 on {len(single)} samples; batched bs={loader.batch_size})\n{format_table(rows, floatfmt='{:.3f}')}")
+    if "budget" in summary:
+        print(f"\nbudget: {summary['budget']}")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "sweep.csv", buffer.getvalue())
+    write_json(out / "eval.json", summary)
+    plot_curves({label: ([r["layer_speedup"] for r in rows], [r[task.monitor] for r in rows])},
+                out / "sweep.png", metric=f"{task.name} dev {task.monitor}")
+    for logger in instantiate_all(cfg.get("logger")):
+        if hasattr(logger, "log_table"):  # W&B
+            logger.log_table("eval/sweep", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            logger.log_image("eval/sweep_plot", images=[str(out / "sweep.png")])
+    log.info("evaluation written to %s", out)
+    return summary
+
+
+def read_texts(path: Path, task: TaskSpec) -> list[list[str]]:
+    """Texts to answer: ``.txt`` (one sample a line, a pair's texts tab-separated) or a table with the task's fields."""
+    if not path.is_file():
+        raise ConfigError(f"predict.input: {path} does not exist")
+    n = len(task.text_fields)
+    if path.suffix.lower() == ".txt":
+        rows = [line.split("\t") for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        for i, row in enumerate(rows):
+            if len(row) != n:
+                raise ConfigError(f"{path}: line {i + 1} has {len(row)} tab-separated texts, task {task.name} "
+                                  f"needs {n}")
+        return rows
+    from rbert.data.glue import read_table
+
+    table = read_table(path, task, require_label=False)
+    return [[str(r[f]) for f in task.text_fields] for r in table]
+
+
+def predict(cfg: DictConfig) -> Path:
+    if not cfg.get("ckpt_path") or not cfg.predict.get("input"):
+        raise ConfigError("mode=predict needs ckpt_path=... and predict.input=<file of texts>")
+    policy, system, net, device, autocast, datamodule, _ = _setup(cfg)
+    task = system.task
+    if isinstance(policy, BudgetExit):  # pick the threshold on the dev set first
+        logits, labels = exit_logits(system, _dev_loader(datamodule), device, autocast)
+        policy = policy.choose(sweep(policy.base, logits, labels, system.exit_layers, task), as_policy=True)
+    texts = read_texts(Path(cfg.predict.input), task)
+    tokenizer = datamodule.tokenizer
+    out_rows = []
+    for start in range(0, len(texts), cfg.eval.batch_size):
+        chunk = texts[start:start + cfg.eval.batch_size]
+        enc = tokenizer(*zip(*chunk), truncation=True, max_length=datamodule.max_length, padding=True,
+                        return_tensors="pt").to(device)
+        with torch.no_grad(), autocast():
+            if net is None:
+                z = system(dict(enc))[-1]
+                layer = torch.full((len(chunk),), system.exit_layers[-1])
+            else:
+                result = early_exit(net, policy, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+                z, layer = result.logits, result.exit_layer
+        z = z.float().cpu()
+        for texts_i, logits_i, layer_i in zip(chunk, z, layer.tolist()):
+            if task.is_regression:
+                answer, score = f"{logits_i.item():.4f}", logits_i.item()
+            else:
+                probs = torch.softmax(logits_i, -1)
+                answer, score = task.labels[int(probs.argmax())], float(probs.max())
+            out_rows.append([*texts_i, answer, f"{score:.4f}", layer_i])
+    output = Path(cfg.predict.output)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+    writer.writerow([*task.text_fields, "prediction", "score" if task.is_regression else "probability", "exit_layer"])
+    writer.writerows(out_rows)
+    atomic_write_text(output, buffer.getvalue())
+    print(f"{len(out_rows)} predictions ({policy.describe()}) written to {output}")
+    return output

@@ -1,0 +1,83 @@
+"""mode=eval and mode=predict end to end (tiny multi-exit checkpoint, tiny GLUE files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.test_run import run_cli
+
+
+@pytest.fixture(scope="module")
+def romebert_ckpt(glue_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("romebert")
+    run_cli(run_dir, "model=romebert", f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null",
+            "trainer.max_epochs=4", "model.optimizer.lr=2e-3", "logger=none", "test=false")
+    return run_dir / "checkpoints" / "best.ckpt"
+
+
+@pytest.mark.parametrize("policy", ["entropy", "confidence", "patience", "fixed"])
+def test_eval_sweeps_and_writes_table_csv_json_png(policy, romebert_ckpt, glue_dir, tmp_path):
+    proc = run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", f"exit_policy={policy}",
+                   f"data_dir={glue_dir}", "eval.timing_samples=8")
+    assert "forced exits" in proc.stdout and "measured_speedup_bs1" in proc.stdout
+    summary = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert [row["exit"] for row in summary["forced"]] == ["exit 1", "exit 2", "exit 3", "exit 4"]
+    rows = summary["sweep"]
+    assert len(rows) >= 4
+    for row in rows:
+        assert 1.0 <= row["mean_exit_layer"] <= 4.0
+        assert row["layer_speedup"] == pytest.approx(4.0 / row["mean_exit_layer"])
+        assert row["measured_speedup_bs1"] > 0 and row["measured_speedup_batched"] > 0
+    with open(tmp_path / "ev" / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "ev" / "sweep.png").stat().st_size > 1000
+    if policy == "fixed":  # the per-layer curve: exit k for every sample is exit k's forced metric
+        for row, forced in zip(rows, summary["forced"][: len(rows)]):
+            assert row["accuracy"] == pytest.approx(forced["accuracy"])
+
+
+def test_budget_reports_what_it_reached(romebert_ckpt, glue_dir, tmp_path):
+    run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", "exit_policy=budget",
+            "exit_policy.max_drop=1.0", f"data_dir={glue_dir}", "eval.timing_samples=4")
+    budget = json.loads((tmp_path / "ev" / "eval.json").read_text())["budget"]
+    assert budget["met"] and budget["drop"] <= 1.0 and budget["layer_speedup"] >= 1.0
+
+
+def test_predict_writes_answers_with_exit_layers(romebert_ckpt, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a good film\nthe plot is bad\nquite a long story very good\n")
+    run_cli(tmp_path / "pr", "mode=predict", f"ckpt_path={romebert_ckpt}", f"predict.input={texts}",
+            "exit_policy=entropy", "exit_policy.threshold=0.5")
+    with open(tmp_path / "pr" / "predictions.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["sentence"] for r in rows] == ["a good film", "the plot is bad", "quite a long story very good"]
+    assert all(r["prediction"] in ("0", "1") and 1 <= int(r["exit_layer"]) <= 4 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["exit_policy=nope"], "Could not find 'exit_policy/nope'"),
+        (["exit_policy=entropy", "exit_policy.threshold=1.5"], "normalised entropy threshold lies in [0, 1]"),
+        (["exit_policy=entropy", "exit_policy.normalized=false", "exit_policy.threshold=0.9"],
+         "every sample would leave at the first exit"),
+        (["mode=nope"], "error: mode: unknown mode 'nope'"),
+    ],
+)
+def test_eval_bad_input(overrides, message, romebert_ckpt, glue_dir, tmp_path):
+    proc = run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", f"data_dir={glue_dir}", *overrides,
+                   check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_exit_policy_on_single_exit_checkpoint_is_refused(glue_dir, tmp_path):
+    run_cli(tmp_path / "bert", "model=bert", f"data_dir={glue_dir}", "debug=limit", "logger=none", "test=false")
+    ckpt = tmp_path / "bert" / "checkpoints" / "last.ckpt"
+    proc = run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={ckpt}", "exit_policy=entropy", f"data_dir={glue_dir}",
+                   check=False)
+    assert proc.returncode == 2 and "needs a multi-exit model" in proc.stderr
+    run_cli(tmp_path / "ok", "mode=eval", f"ckpt_path={ckpt}", "exit_policy=none", f"data_dir={glue_dir}")
+    assert json.loads((tmp_path / "ok" / "eval.json").read_text())["forced"][0]["exit"] == "exit 4"
