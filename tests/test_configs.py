@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from rbert.inference.policies import ExitPolicy
 from rbert.train import instantiate_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -42,7 +43,8 @@ def instantiate_trainer(cfg: DictConfig) -> object:
 
 
 def test_groups_are_all_covered():
-    assert {"task", "model", "data", "trainer", "logger", "callbacks", "paths", "debug", "experiment"} <= set(GROUPS)
+    assert {"task", "model", "data", "trainer", "logger", "callbacks", "paths", "debug", "experiment",
+            "exit_policy"} <= set(GROUPS)
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "amp"} <= {o for g, o in OPTIONS if g == "trainer"}
     assert {"csv", "wandb", "none"} <= {o for g, o in OPTIONS if g == "logger"}
 
@@ -66,6 +68,7 @@ def test_option_composes_and_instantiates(group, option, glue_dir, tmp_path):
     batch = next(iter(datamodule.train_dataloader()))
     logits = model(batch)[-1]
     assert logits.shape == (batch["input_ids"].shape[0], task.num_labels)
+    assert isinstance(hydra.utils.instantiate(cfg.exit_policy), ExitPolicy)
     for logger in instantiate_all(cfg.get("logger")):
         assert isinstance(logger, pl.loggers.Logger)
     for callback in instantiate_all(cfg.get("callbacks")):

@@ -126,12 +126,13 @@ def test_engine_runs_fewer_layer_rows():
     assert rows == expected and rows[-1] < rows[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.gpu
-def test_engine_on_gpu_with_autocast():
-    model = tiny_model().cuda()
-    ids, mask, types = (t.cuda() for t in padded_batch())
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_engine_with_mixed_precision(device):
+    model = tiny_model().to(device)
+    ids, mask, types = (t.to(device) for t in padded_batch())
+    with torch.autocast(device, dtype=torch.bfloat16):
         batched = early_exit(model, EntropyExit(0.6), ids, mask, types)
         full = simulate(EntropyExit(0.6), model(ids, mask, types), model.exit_layers)
     agree = (batched.exit_layer == full.exit_layer).float().mean().item()
