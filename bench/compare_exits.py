@@ -32,6 +32,16 @@ CONFIGS = {
     "deebert-cls": ["model=deebert", "model.net.pooling=cls"],
     "romebert-cls": ["model=romebert", "model.net.pooling=cls"],
 }
+# Ablations used to explain the main table (run with --configs); not part of the default set.
+ABLATIONS = {
+    "joint-mean": ["model=joint"],
+    "romebert_sd-g0.5-mean": ["model=romebert_sd", "model.gamma=0.5"],
+    "romebert-anchor_final-mean": ["model=romebert", "model.anchor=final"],
+    "romebert_sd-2ep-mean": ["model=romebert_sd", "trainer.max_epochs=2"],
+    "romebert-2ep-mean": ["model=romebert", "trainer.max_epochs=2"],
+    "deebert-2ep-mean": ["model=deebert", "model.stage_epochs=[2,1]"],
+    "bert-mean": ["model=bert", "model.warmup_ratio=0.0"],
+}
 
 
 def main() -> None:
@@ -43,11 +53,17 @@ def main() -> None:
     parser.add_argument("--lr", default="5e-5")
     parser.add_argument("--batch-size", default="32")
     parser.add_argument("--seeds", default="42", help="comma-separated")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated names from {', '.join([*CONFIGS, *ABLATIONS])}")
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose results.json already exists")
     parser.add_argument("--runs-dir", default="logs/compare_exits")
     parser.add_argument("--out", default="bench/results/compare_exits.json")
     args = parser.parse_args()
 
+    known = {**CONFIGS, **ABLATIONS}
+    unknown = [name for name in args.configs.split(",") if name not in known]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {list(known)}")
     runs = []
     for name in args.configs.split(","):
         for seed in args.seeds.split(","):
@@ -55,13 +71,16 @@ def main() -> None:
             cmd = [sys.executable, "run.py", f"task={args.task}", f"backbone={args.backbone}",
                    f"data_dir={args.data_dir}", f"data.train_limit={args.train_limit}", f"seed={seed}",
                    f"data.batch_size={args.batch_size}", f"model.optimizer.lr={args.lr}",
-                   f"hydra.run.dir={run_dir}", "logger=csv", *CONFIGS[name]]
-            print("$", " ".join(cmd[1:]), flush=True)
-            start = time.perf_counter()
-            subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                           stdout=subprocess.DEVNULL)
+                   f"hydra.run.dir={run_dir}", "logger=csv", *known[name]]
+            timing = REPO / run_dir / "bench_seconds.json"
+            if not (args.reuse and timing.exists()):
+                print("$", " ".join(cmd[1:]), flush=True)
+                start = time.perf_counter()
+                subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.DEVNULL)
+                write_json(timing, {"seconds": time.perf_counter() - start})
             result = json.loads((REPO / run_dir / "results.json").read_text())
-            runs.append({"config": name, "seed": int(seed), "seconds": time.perf_counter() - start,
+            runs.append({"config": name, "seed": int(seed), "seconds": json.loads(timing.read_text())["seconds"],
                          "test": result["test"], "command": " ".join(cmd[1:])})
 
     metric = "accuracy"
