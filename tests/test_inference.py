@@ -42,6 +42,9 @@ def test_entropy_is_stable_and_exact():
     assert h[0].item() == pytest.approx(math.log(2)) and h[1].item() == pytest.approx(0.0, abs=1e-6)
     p = torch.softmax(logits[2], -1)
     assert h[2].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
+    # the policy's own (one kernel shorter) test agrees with entropy() < threshold * ln C
+    for t in [0.01, 0.5, 0.9, 0.99]:
+        assert EntropyExit(t).decide(logits, 1, None)[0].tolist() == (h < t * math.log(2)).tolist()
 
 
 def test_policy_decisions():

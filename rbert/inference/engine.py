@@ -34,7 +34,18 @@ def _take(state, keep: torch.Tensor):
     return state[keep]
 
 
-@torch.no_grad()
+def unpadded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when the mask has no padding (every row full length), else the mask.
+
+    Without a mask, attention and mean pooling take their cheaper unmasked paths, which
+    matters at batch size 1, where per-operation overhead is a large share of a layer.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+@torch.inference_mode()
 def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor,
                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                trim_padding: bool = True) -> ExitResult:
@@ -44,40 +55,42 @@ def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor
     """
     batch = input_ids.shape[0]
     device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     bert = model.bert
     exit_index = {layer: i for i, layer in enumerate(model.exit_layers)}
     last = model.exit_layers[-1]
 
     hidden = bert.embed(input_ids, token_type_ids)
-    mask = attention_mask
+    mask = unpadded(attention_mask)
+    bias = bert.attention_bias(mask)
     rows = torch.arange(batch, device=device)  # where the running samples sit in the batch
     state = policy.start(batch, device)
     logits_out: torch.Tensor | None = None
     exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
 
     for n, layer in enumerate(bert.encoder.layer[:last], start=1):
-        hidden = layer(hidden, bert.attention_bias(mask))
+        hidden = layer(hidden, bias)
         if n not in exit_index:
             continue
         logits = model.exit_logits(exit_index[n], hidden, mask)
         if logits_out is None:
             logits_out = logits.new_empty(batch, logits.shape[-1])
-        leave, state = policy.decide(logits, n, state)
-        if n == last:
-            leave = torch.ones_like(leave)
+        leave, state = policy.decide(logits, n, state) if n < last else (None, state)
+        if leave is None or leave.all():  # every running sample leaves here
+            logits_out[rows], exit_layer[rows] = logits, n
+            break
         if not leave.any():
             continue
-        logits_out[rows[leave]] = logits[leave]
-        exit_layer[rows[leave]] = n
+        gone = rows[leave]
+        logits_out[gone], exit_layer[gone] = logits[leave], n
         keep = ~leave
-        if not keep.any():
-            break
-        hidden, mask, rows, state = hidden[keep], mask[keep], rows[keep], _take(state, keep)
-        if trim_padding:
-            length = int(mask.sum(dim=1).max())
-            hidden, mask = hidden[:, :length], mask[:, :length]
+        hidden, rows, state = hidden[keep], rows[keep], _take(state, keep)
+        if mask is not None:
+            mask = mask[keep]
+            if trim_padding:
+                length = int(mask.sum(dim=1).max())
+                hidden, mask = hidden[:, :length], mask[:, :length]
+            mask = unpadded(mask)
+            bias = bert.attention_bias(mask)
     return ExitResult(logits_out, exit_layer)
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
-from rbert.inference.engine import early_exit, simulate
+from rbert.inference.engine import early_exit, simulate, unpadded
 from rbert.inference.plot import plot_curves
 from rbert.inference.policies import BudgetExit, ExitPolicy
 from rbert.metrics import build_metrics, predictions
@@ -82,11 +82,12 @@ def time_runs(net: MultiExitBert, policy: ExitPolicy | None, batches: list[dict]
     """
     last = len(net.exit_layers) - 1
 
-    def full(b):
-        hidden = net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"]).last_hidden_state
-        return net.exit_logits(last, hidden, b["attention_mask"])
+    def full(b):  # the same unpadded-mask shortcut as the engine, so only the exits differ
+        mask = unpadded(b["attention_mask"])
+        hidden = net.bert(b["input_ids"], mask, b["token_type_ids"]).last_hidden_state
+        return net.exit_logits(last, hidden, mask)
 
-    with torch.no_grad(), autocast():
+    with torch.inference_mode(), autocast():
         run = full if policy is None else (lambda b: early_exit(net, policy, b["input_ids"], b["attention_mask"],
                                                                 b["token_type_ids"]))
         run(batches[0])  # warm-up
@@ -162,13 +163,18 @@ def evaluate(cfg: DictConfig) -> dict:
 
     base = policy.base if isinstance(policy, BudgetExit) else policy
     rows = sweep(base, logits, labels, layers, task)
-    # Wall-clock: bs=1 on the first dev samples (no padding), and batched, against a full pass.
+    # Wall-clock: bs=1 on dev samples spread evenly over the set (no padding), and batched,
+    # against a full pass. The bs=1 subset gets its own layer-count speed-up to compare with.
     single = [{k: (v[i:i + 1, : int(b["attention_mask"][i].sum())] if v.ndim == 2 else v[i:i + 1]).to(device)
-               for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))][: cfg.eval.timing_samples]
+               for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))]
+    timed = torch.linspace(0, len(single) - 1, min(cfg.eval.timing_samples, len(single))).long()
+    single = [single[i] for i in timed.tolist()]
     batched = [{k: v.to(device) for k, v in b.items()} for b in loader]
     full_1, full_b = time_runs(net, None, single, device, autocast), time_runs(net, None, batched, device, autocast)
     for row in rows:
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
+        timed_layers = simulate(p, logits, layers).exit_layer[timed].float()
+        row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
         row["measured_speedup_bs1"] = full_1 / time_runs(net, p, single, device, autocast)
         row["measured_speedup_batched"] = full_b / time_runs(net, p, batched, device, autocast)
     summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
