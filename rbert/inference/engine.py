@@ -62,24 +62,28 @@ def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor
     hidden = bert.embed(input_ids, token_type_ids)
     mask = unpadded(attention_mask)
     bias = bert.attention_bias(mask)
-    rows = torch.arange(batch, device=device)  # where the running samples sit in the batch
     state = policy.start(batch, device)
-    logits_out: torch.Tensor | None = None
-    exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+    # Where the running samples sit in the batch, and the answers of those that left: made
+    # only once some sample leaves before the others (never at batch size 1).
+    rows = logits_out = exit_layer = None
 
     for n, layer in enumerate(bert.encoder.layer[:last], start=1):
         hidden = layer(hidden, bias)
         if n not in exit_index:
             continue
         logits = model.exit_logits(exit_index[n], hidden, mask)
-        if logits_out is None:
-            logits_out = logits.new_empty(batch, logits.shape[-1])
         leave, state = policy.decide(logits, n, state) if n < last else (None, state)
         if leave is None or leave.all():  # every running sample leaves here
+            if rows is None:
+                return ExitResult(logits, torch.full((batch,), n, dtype=torch.long, device=device))
             logits_out[rows], exit_layer[rows] = logits, n
             break
-        if not leave.any():
+        if leave.numel() == 1 or not leave.any():  # (one sample: not all means none)
             continue
+        if rows is None:
+            rows = torch.arange(batch, device=device)
+            logits_out = logits.new_empty(batch, logits.shape[-1])
+            exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
         gone = rows[leave]
         logits_out[gone], exit_layer[gone] = logits[leave], n
         keep = ~leave
