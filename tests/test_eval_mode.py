@@ -39,6 +39,16 @@ def test_eval_sweeps_and_writes_table_csv_json_png(policy, romebert_ckpt, glue_d
             assert row["accuracy"] == pytest.approx(forced["accuracy"])
 
 
+def test_eval_consults_only_the_chosen_exits(romebert_ckpt, glue_dir, tmp_path):
+    run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", "exit_policy=fixed", "eval.exit_layers=[2]",
+            f"data_dir={glue_dir}", "eval.timing_samples=4")
+    summary = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert summary["exit_layers"] == [2, 4] and summary["trained_exits"] == [1, 2, 3, 4]
+    # "leave at layer 1 or 2" both answer at exit 2; any later layer at the final exit
+    for row in summary["sweep"]:
+        assert row["mean_exit_layer"] == (2.0 if row["threshold"] <= 2 else 4.0)
+
+
 def test_budget_reports_what_it_reached(romebert_ckpt, glue_dir, tmp_path):
     run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", "exit_policy=budget",
             "exit_policy.max_drop=1.0", f"data_dir={glue_dir}", "eval.timing_samples=4")
@@ -65,6 +75,7 @@ def test_predict_writes_answers_with_exit_layers(romebert_ckpt, tmp_path):
         (["exit_policy=entropy", "exit_policy.normalized=false", "exit_policy.threshold=0.9"],
          "every sample would leave at the first exit"),
         (["mode=nope"], "error: mode: unknown mode 'nope'"),
+        (["eval.exit_layers=[2,9]"], "eval.exit_layers: no trained exit at layer(s) [9]"),
     ],
 )
 def test_eval_bad_input(overrides, message, romebert_ckpt, glue_dir, tmp_path):

@@ -106,6 +106,20 @@ def test_engine_matches_simulation_and_batch_size_one(policy, exit_layers):
         torch.testing.assert_close(alone.logits[0], batched.logits[i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", POLICIES[:5], ids=lambda p: p.describe())
+def test_engine_consults_only_the_exits_it_is_given(policy):
+    """``exit_layers`` (e.g. the trained exits): the others are never asked, as if absent."""
+    model = tiny_model()
+    ids, mask, types = padded_batch()
+    result = early_exit(model, policy, ids, mask, types, exit_layers=[2, 4])
+    with torch.no_grad():
+        logits = model(ids, mask, types)
+    expected = simulate(policy, [logits[1], logits[3]], [2, 4])
+    assert set(result.exit_layer.tolist()) <= {2, 4}
+    assert torch.equal(result.exit_layer, expected.exit_layer)
+    torch.testing.assert_close(result.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_policies_exit_at_a_mix_of_layers():
     """The identity test above means something only if samples leave at different layers."""
     model = tiny_model()

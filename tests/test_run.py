@@ -116,6 +116,19 @@ def test_deebert_stage2_leaves_backbone_and_final_exit_bit_for_bit(glue_dir, tmp
     table = results(tmp_path / "run")["test"]
     assert {f"test/exit_{i}/accuracy" for i in (1, 2, 3, 4)} <= set(table)
 
+    # Stage 1's internal exits are untrained: the checkpoint says so and early exit refuses them.
+    trained = {stage: torch.load(ckpts / stage / "last.ckpt", weights_only=False)["rbert_trained_exits"]
+               for stage in ("stage1", "stage2")}
+    assert trained == {"stage1": [4], "stage2": [1, 2, 3, 4]}
+    proc = run_cli(tmp_path / "ev1", "mode=eval", f"ckpt_path={ckpts / 'stage1' / 'last.ckpt'}",
+                   "exit_policy=entropy", f"data_dir={glue_dir}", check=False)
+    assert proc.returncode == 2 and "needs a multi-exit model with trained internal exits" in proc.stderr
+    run_cli(tmp_path / "ev1", "mode=eval", f"ckpt_path={ckpts / 'stage1' / 'last.ckpt'}", "exit_policy=none",
+            f"data_dir={glue_dir}")
+    forced = json.loads((tmp_path / "ev1" / "eval.json").read_text())["forced"]
+    assert [row["exit"] for row in forced] == ["exit 1 (untrained)", "exit 2 (untrained)", "exit 3 (untrained)",
+                                               "exit 4"]
+
 
 def test_romebert_same_update_with_ddp_and_with_accumulation(glue_dir, tmp_path):
     """GR sees the same gradients in 2-process DDP, with accumulation, and in one big batch."""

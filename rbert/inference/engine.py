@@ -48,16 +48,18 @@ def unpadded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 @torch.inference_mode()
 def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor,
                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-               trim_padding: bool = True) -> ExitResult:
+               trim_padding: bool = True, exit_layers: list[int] | None = None) -> ExitResult:
     """Answer every sample at the first exit ``policy`` trusts (the last exit answers the rest).
 
-    Padding must be on the right (as BERT tokenizers pad), for ``trim_padding``.
+    ``exit_layers``: the exits that may answer (default: all of the model's), e.g. only the
+    trained ones. Padding must be on the right (as BERT tokenizers pad), for ``trim_padding``.
     """
     batch = input_ids.shape[0]
     device = input_ids.device
     bert = model.bert
-    exit_index = {layer: i for i, layer in enumerate(model.exit_layers)}
-    last = model.exit_layers[-1]
+    exit_layers = exit_layers or model.exit_layers
+    exit_index = {layer: model.exit_layers.index(layer) for layer in exit_layers}
+    last = exit_layers[-1]
 
     hidden = bert.embed(input_ids, token_type_ids)
     mask = unpadded(attention_mask)

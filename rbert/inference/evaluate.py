@@ -16,6 +16,8 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -37,8 +39,12 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- loading
-def load_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig]:
-    """Rebuild a trained system from its checkpoint (the config that trained it is stored inside)."""
+def load_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig, list[int]]:
+    """Rebuild a trained system from its checkpoint (the config that trained it is stored inside).
+
+    Also returns the layers of the exits its objective had trained when the checkpoint was
+    written (e.g. only the final one after DeeBERT's stage 1): early exit uses only those.
+    """
     ckpt = torch.load(check_checkpoint(ckpt_path), map_location="cpu", weights_only=False)
     if "rbert_config" not in ckpt:
         raise ConfigError(f"ckpt_path: {ckpt_path} was not written by rbert's run.py (no rbert_config inside)")
@@ -46,12 +52,13 @@ def load_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig]:
     task = hydra.utils.instantiate(train_cfg.task)
     system = hydra.utils.instantiate(train_cfg.model, _partial_=True)(task=task)
     system.load_state_dict(ckpt["state_dict"])
-    return system.eval(), train_cfg
+    trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
+    return system.eval(), train_cfg, trained
 
 
-def multi_exit_net(system: TaskSystem, policy: ExitPolicy) -> MultiExitBert | None:
+def multi_exit_net(system: TaskSystem, policy: ExitPolicy, trained: list[int]) -> MultiExitBert | None:
     net = getattr(system, "net", None)
-    policy.check(system.task.num_labels, len(system.exit_layers))
+    policy.check(system.task.num_labels, len(trained))
     return net if isinstance(net, MultiExitBert) else None
 
 
@@ -74,8 +81,13 @@ def exit_logits(system: TaskSystem, loader, device: torch.device, autocast) -> t
     return [torch.cat(per_exit) for per_exit in zip(*outs)], torch.cat(labels)
 
 
+def only(logits: list[torch.Tensor], exit_layers: list[int], keep: list[int]) -> list[torch.Tensor]:
+    """The logits of the exits at the layers ``keep``, from those of all exits."""
+    return [logits[exit_layers.index(layer)] for layer in keep]
+
+
 def time_runs(net: MultiExitBert, policy: ExitPolicy | None, batches: list[dict], device, autocast,
-              repeats: int = 3) -> float:
+              exit_layers: list[int] | None = None, repeats: int = 3) -> float:
     """Seconds to answer ``batches`` with the engine (``policy=None``: a plain full forward pass).
 
     The best of ``repeats`` passes, so that a stall of the machine does not count.
@@ -89,7 +101,7 @@ def time_runs(net: MultiExitBert, policy: ExitPolicy | None, batches: list[dict]
 
     with torch.inference_mode(), autocast():
         run = full if policy is None else (lambda b: early_exit(net, policy, b["input_ids"], b["attention_mask"],
-                                                                b["token_type_ids"]))
+                                                                b["token_type_ids"], exit_layers=exit_layers))
         run(batches[0])  # warm-up
         best = float("inf")
         for _ in range(repeats):
@@ -122,10 +134,31 @@ def sweep(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------- modes
-def _setup(cfg: DictConfig):
+@dataclass
+class Setup:
+    policy: ExitPolicy
+    system: TaskSystem
+    net: MultiExitBert | None    # None: a single-exit model
+    trained: list[int]           # layers of the exits the checkpoint's objective trained
+    layers: list[int]            # the exits that may answer: trained, and in eval.exit_layers if given
+    device: torch.device
+    autocast: Callable
+    datamodule: object
+    train_cfg: DictConfig
+
+
+def _setup(cfg: DictConfig) -> Setup:
     policy: ExitPolicy = hydra.utils.instantiate(cfg.exit_policy)
-    system, train_cfg = load_system(cfg.ckpt_path)
-    net = multi_exit_net(system, policy.base if isinstance(policy, BudgetExit) else policy)
+    system, train_cfg, trained = load_system(cfg.ckpt_path)
+    layers = trained
+    if cfg.eval.get("exit_layers"):  # fewer exits: less per-exit work, coarser exit choices
+        wanted = sorted({int(layer) for layer in cfg.eval.exit_layers})
+        missing = [layer for layer in wanted if layer not in trained]
+        if missing:
+            raise ConfigError(f"eval.exit_layers: no trained exit at layer(s) {missing} in {cfg.ckpt_path} "
+                              f"(trained exits: {trained})")
+        layers = sorted(set(wanted) | {trained[-1]})
+    net = multi_exit_net(system, policy.base if isinstance(policy, BudgetExit) else policy, layers)
     device = torch.device(cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     system.to(device)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.eval.amp]
@@ -134,7 +167,7 @@ def _setup(cfg: DictConfig):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)(task=system.task, backbone=train_cfg.backbone)
-    return policy, system, net, device, autocast, datamodule, train_cfg
+    return Setup(policy, system, net, trained, layers, device, autocast, datamodule, train_cfg)
 
 
 def _dev_loader(datamodule):
@@ -145,18 +178,22 @@ def _dev_loader(datamodule):
 def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: mode=eval needs the checkpoint to evaluate")
-    policy, system, net, device, autocast, datamodule, train_cfg = _setup(cfg)
+    setup = _setup(cfg)
+    policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
+                                                     setup.device, setup.autocast)
     task = system.task
-    loader = _dev_loader(datamodule)
+    loader = _dev_loader(setup.datamodule)
     logits, labels = exit_logits(system, loader, device, autocast)
-    layers = system.exit_layers
-    forced = [{"exit": f"exit {layer}", **task_metric(task, z, labels)} for layer, z in zip(layers, logits)]
+    forced = [{"exit": f"exit {layer}" + ("" if layer in setup.trained else " (untrained)"),
+               **task_metric(task, z, labels)} for layer, z in zip(system.exit_layers, logits)]
+    logits = only(logits, system.exit_layers, layers)  # untrained (or unwanted) exits never answer
     out = Path(cfg.paths.output_dir)
     print(f"\nforced exits, {task.name} dev ({len(labels)} samples)\n{format_table(forced)}")
-    model_name = str(train_cfg.model._target_).rsplit(".", 1)[-1]
+    model_name = str(setup.train_cfg.model._target_).rsplit(".", 1)[-1]
     label = cfg.eval.label or f"{model_name} / {policy.name}"
     summary = {"checkpoint": cfg.ckpt_path, "task": task.name, "model": model_name, "label": label,
-               "metric": task.monitor, "policy": policy.describe(), "forced": forced}
+               "metric": task.monitor, "policy": policy.describe(), "forced": forced,
+               "trained_exits": setup.trained, "exit_layers": layers}
     if net is None:  # a single-exit model: nothing to sweep
         write_json(out / "eval.json", summary)
         return summary
@@ -175,8 +212,8 @@ def evaluate(cfg: DictConfig) -> dict:
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
         timed_layers = simulate(p, logits, layers).exit_layer[timed].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
-        row["measured_speedup_bs1"] = full_1 / time_runs(net, p, single, device, autocast)
-        row["measured_speedup_batched"] = full_b / time_runs(net, p, batched, device, autocast)
+        row["measured_speedup_bs1"] = full_1 / time_runs(net, p, single, device, autocast, layers)
+        row["measured_speedup_batched"] = full_b / time_runs(net, p, batched, device, autocast, layers)
     summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
                    timing_samples=len(single), batch_size=loader.batch_size)
     if isinstance(policy, BudgetExit):
@@ -222,24 +259,28 @@ def read_texts(path: Path, task: TaskSpec) -> list[list[str]]:
 def predict(cfg: DictConfig) -> Path:
     if not cfg.get("ckpt_path") or not cfg.predict.get("input"):
         raise ConfigError("mode=predict needs ckpt_path=... and predict.input=<file of texts>")
-    policy, system, net, device, autocast, datamodule, _ = _setup(cfg)
+    setup = _setup(cfg)
+    policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
+                                                     setup.device, setup.autocast)
     task = system.task
     if isinstance(policy, BudgetExit):  # pick the threshold on the dev set first
-        logits, labels = exit_logits(system, _dev_loader(datamodule), device, autocast)
-        policy = policy.choose(sweep(policy.base, logits, labels, system.exit_layers, task), as_policy=True)
+        logits, labels = exit_logits(system, _dev_loader(setup.datamodule), device, autocast)
+        logits = only(logits, system.exit_layers, layers)
+        policy = policy.choose(sweep(policy.base, logits, labels, layers, task), as_policy=True)
     texts = read_texts(Path(cfg.predict.input), task)
-    tokenizer = datamodule.tokenizer
+    tokenizer = setup.datamodule.tokenizer
     out_rows = []
     for start in range(0, len(texts), cfg.eval.batch_size):
         chunk = texts[start:start + cfg.eval.batch_size]
-        enc = tokenizer(*zip(*chunk), truncation=True, max_length=datamodule.max_length, padding=True,
+        enc = tokenizer(*zip(*chunk), truncation=True, max_length=setup.datamodule.max_length, padding=True,
                         return_tensors="pt").to(device)
         with torch.no_grad(), autocast():
             if net is None:
                 z = system(dict(enc))[-1]
                 layer = torch.full((len(chunk),), system.exit_layers[-1])
             else:
-                result = early_exit(net, policy, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+                result = early_exit(net, policy, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"),
+                                    exit_layers=layers)
                 z, layer = result.logits, result.exit_layer
         z = z.float().cpu()
         for texts_i, logits_i, layer_i in zip(chunk, z, layer.tolist()):

@@ -46,9 +46,10 @@ class ExitPolicy:
         raise ConfigError(f"exit_policy={self.name} has no threshold to sweep")
 
     def check(self, num_labels: int, num_exits: int) -> None:
-        """Fail clearly if the policy cannot run on this model."""
+        """Fail clearly if the policy cannot run on a model with ``num_exits`` trained exits."""
         if self.needs_exits and num_exits < 2:
-            raise ConfigError(f"exit_policy={self.name} needs a multi-exit model, but the checkpoint has one exit")
+            raise ConfigError(f"exit_policy={self.name} needs a multi-exit model with trained internal exits; "
+                              "the only trained exit of this checkpoint is its final one")
         if num_labels == 1 and not self.regression_ok:
             raise ConfigError(f"exit_policy={self.name} needs class probabilities; the task is a regression")
 

@@ -66,6 +66,10 @@ class TaskSystem(pl.LightningModule):
         """The metric that picks the best checkpoint in the current stage (None: keep the last)."""
         return self.task.monitor_key
 
+    def trained_exit_layers(self) -> list[int]:
+        """The exits the objective has trained so far (stored in checkpoints: early exit uses only these)."""
+        return list(self.exit_layers)
+
     # ------------------------------------------------------------------ naming
     @staticmethod
     def _metric_key(prefix: str, exit_index: int | str) -> str:
@@ -127,4 +131,5 @@ class TaskSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["rbert_config"] = self.run_config
+        checkpoint["rbert_trained_exits"] = self.trained_exit_layers()
 

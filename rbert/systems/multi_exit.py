@@ -77,6 +77,10 @@ class DeeBERT(MultiExitSystem):
         # Stage 2 cannot change the final exit, which the task's metric watches: keep the last weights.
         return super().monitor() if self.stage == 0 else None
 
+    def trained_exit_layers(self) -> list[int]:
+        # In stage 1 the internal exits are still at their initialisation.
+        return list(self.exit_layers) if self.stage >= 1 else self.exit_layers[-1:]
+
     def training_loss(self, batch):
         logits, labels = self(batch), batch["labels"]
         if self.stage == 0:
