@@ -22,6 +22,14 @@ def datamodule(task, data_dir, **kw) -> GlueDataModule:
     return dm
 
 
+def test_evaluation_alone_does_not_tokenise_the_training_split(glue_dir):
+    dm = GlueDataModule(task_spec("mnli"), backbone="tiny", data_dir=str(glue_dir), train_limit=10)
+    dm.setup("validate")
+    assert sorted(dm.splits) == ["val", "val_mm"]
+    dm.setup("fit")  # training later still gets its (limited) split
+    assert len(dm.splits["train"]) == 10
+
+
 @pytest.mark.parametrize("name", GLUE_TASKS)
 def test_every_glue_task_loads(name, glue_dir):
     task = task_spec(name)

@@ -191,12 +191,15 @@ class GlueDataModule(pl.LightningDataModule):
             self.encode(split)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        # Evaluation alone (validate/test/predict) does not need the training split tokenised.
+        needed = [s for s in self.task.splits if s != "train" or stage in (None, "fit")]
+        if all(s in self.splits for s in needed):
             return
-        for split in self.task.splits:
-            self.splits[split] = self.encode(split)
-        train = self.splits["train"]
-        if self.train_limit is not None and self.train_limit < len(train):
+        for split in needed:
+            if split not in self.splits:
+                self.splits[split] = self.encode(split)
+        train = self.splits.get("train")
+        if train is not None and self.train_limit is not None and self.train_limit < len(train):
             rows = np.sort(np.random.default_rng(self.seed).permutation(len(train))[: self.train_limit])
             self.splits["train"] = train.select(rows)
         log.info("task %s: %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
