@@ -13,6 +13,7 @@ running each sample alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -69,7 +70,7 @@ def early_exit(model: MultiExitBert, policy: ExitPolicy, input_ids: torch.Tensor
     # only once some sample leaves before the others (never at batch size 1).
     rows = logits_out = exit_layer = None
 
-    for n, layer in enumerate(bert.encoder.layer[:last], start=1):
+    for n, layer in enumerate(islice(bert.encoder.layer, last), start=1):
         hidden = layer(hidden, bias)
         if n not in exit_index:
             continue

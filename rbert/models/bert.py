@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -255,7 +256,8 @@ class BertModel(nn.Module):
         bias = self.attention_bias(attention_mask)
         hidden = self.embed(input_ids, token_type_ids)
         states = [hidden] if output_hidden_states else None
-        for layer in self.encoder.layer[: num_layers or self.num_layers]:
+        # islice, not layer[:n]: slicing a ModuleList builds a new module (~15 us, a cost at batch size 1)
+        for layer in islice(self.encoder.layer, num_layers or self.num_layers):
             hidden = layer(hidden, bias)
             if states is not None:
                 states.append(hidden)
