@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/glue")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--timing-samples", type=int, default=200)
+    parser.add_argument("--timing-repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the batched timing")
     parser.add_argument("--out-dir", default="logs/early_exit")
     parser.add_argument("--out", default="bench/results/early_exit.json")
@@ -56,7 +57,8 @@ def main() -> None:
             out = Path(args.out_dir) / f"{name}-{policy}"
             cmd = [sys.executable, "run.py", "mode=eval", f"ckpt_path={checkpoint(Path(run_dir))}",
                    f"exit_policy={policy}", f"data_dir={args.data_dir}", f"hydra.run.dir={out}",
-                   f"eval.timing_samples={args.timing_samples}", f"data.eval_batch_size={args.batch_size}",
+                   f"eval.timing_samples={args.timing_samples}", f"eval.timing_repeats={args.timing_repeats}",
+                   f"data.eval_batch_size={args.batch_size}",
                    f"eval.label={name} / {policy}", "logger=none",
                    *args.overrides]
             print("$", " ".join(cmd[1:]), flush=True)

@@ -9,7 +9,16 @@ import torch
 
 from rbert.errors import ConfigError
 from rbert.inference.engine import early_exit, simulate
-from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, NoExit, PatienceExit, entropy
+from rbert.inference.policies import (
+    ConfidenceExit,
+    EntropyExit,
+    ExitPolicy,
+    FixedExit,
+    NoExit,
+    PatienceExit,
+    entropy,
+    entropy_one,
+)
 from rbert.models import MultiExitBert, load_encoder
 
 
@@ -42,6 +51,8 @@ def test_entropy_is_stable_and_exact():
     assert h[0].item() == pytest.approx(math.log(2)) and h[1].item() == pytest.approx(0.0, abs=1e-6)
     p = torch.softmax(logits[2], -1)
     assert h[2].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
+    for z, expected in zip(logits.tolist(), h.tolist()):
+        assert entropy_one(z) == pytest.approx(expected, rel=1e-12, abs=1e-300)
     # the policy's own (one kernel shorter) test agrees with entropy() < threshold * ln C
     for t in [0.01, 0.5, 0.9, 0.99]:
         assert EntropyExit(t).decide(logits, 1, None)[0].tolist() == (h < t * math.log(2)).tolist()
@@ -67,6 +78,46 @@ def test_policy_decisions():
     state = regression.start(2, torch.device("cpu"))
     _, state = regression.decide(torch.tensor([[1.0], [1.0]]), 1, state)
     assert regression.decide(torch.tensor([[1.05], [1.5]]), 2, state)[0].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("policy", [EntropyExit(0.2), EntropyExit(0.9), EntropyExit(0.5, normalized=False),
+                                    ConfidenceExit(0.6), ConfidenceExit(0.95), PatienceExit(1), PatienceExit(2),
+                                    PatienceExit(1, tolerance=0.3), FixedExit(3), NoExit()],
+                         ids=lambda p: p.describe())
+@pytest.mark.parametrize("num_labels", [1, 2, 3])
+def test_one_sample_rule_agrees_with_the_batched_rule(policy, num_labels):
+    """``decide_one`` (plain Python, batch size 1) is ``decide`` on every sample, layer after layer."""
+    if num_labels == 1 and not policy.regression_ok:
+        return
+    g = torch.Generator().manual_seed(num_labels)
+    # Logits of 6 exits for 400 samples; widely spread, some huge, some tied (argmax ties).
+    logits = torch.randn(6, 400, num_labels, generator=g) * torch.tensor([0.05, 1.0, 4.0, 50.0]).repeat(100)[:, None]
+    logits[:, :20] = logits[:, :20].round()
+    state = policy.start(400, torch.device("cpu"))
+    batched = []
+    for layer, z in enumerate(logits, start=1):
+        leave, state = policy.decide(z, layer, state)
+        batched.append(leave.tolist())
+    for i in range(400):
+        state = policy.start_one()
+        for layer, z in enumerate(logits[:, i], start=1):
+            leave, state = policy.decide_one(z.tolist(), layer, state)
+            assert leave == batched[layer - 1][i], (i, layer, z.tolist())
+
+
+def test_a_policy_with_only_a_batched_rule_works_one_sample_at_a_time():
+    class Margin(ExitPolicy):  # a user's policy: decide only
+        def decide(self, logits, layer, state):
+            return logits.amax(dim=-1) - logits.amin(dim=-1) > 0.6, state
+
+    model = tiny_model()
+    ids, mask, types = padded_batch()
+    batched = early_exit(model, Margin(), ids, mask, types)
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        alone = early_exit(model, Margin(), ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
+        assert alone.exit_layer.item() == batched.exit_layer[i].item()
+    assert batched.exit_layer.unique().numel() >= 2
 
 
 def test_bad_policy_settings_are_rejected():

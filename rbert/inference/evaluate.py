@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
-from rbert.inference.engine import early_exit, simulate, unpadded
+from rbert.inference.engine import EarlyExit, simulate
 from rbert.inference.plot import plot_curves
-from rbert.inference.policies import BudgetExit, ExitPolicy
+from rbert.inference.policies import BudgetExit, ExitPolicy, NoExit
 from rbert.metrics import build_metrics, predictions
 from rbert.models.multi_exit import MultiExitBert
 from rbert.report import atomic_write_text, format_table, write_json
@@ -86,34 +86,28 @@ def only(logits: list[torch.Tensor], exit_layers: list[int], keep: list[int]) ->
     return [logits[exit_layers.index(layer)] for layer in keep]
 
 
-def time_runs(net: MultiExitBert, policy: ExitPolicy | None, batches: list[dict], device, autocast,
-              exit_layers: list[int] | None = None, repeats: int = 3) -> float:
-    """Seconds to answer ``batches`` with the engine (``policy=None``: a plain full forward pass).
+def time_runs(engines: dict[str, EarlyExit], batches: list[dict], device, autocast,
+              repeats: int = 3) -> dict[str, float]:
+    """Seconds each engine takes to answer ``batches``: the best of ``repeats`` passes, taken
+    in turns, so that a stall or a slow spell of the machine hits every engine alike."""
+    def run(engine, b):
+        return engine(b["input_ids"], b["attention_mask"], b["token_type_ids"])
 
-    The best of ``repeats`` passes, so that a stall of the machine does not count.
-    """
-    last = len(net.exit_layers) - 1
-
-    def full(b):  # the same unpadded-mask shortcut as the engine, so only the exits differ
-        mask = unpadded(b["attention_mask"])
-        hidden = net.bert(b["input_ids"], mask, b["token_type_ids"]).last_hidden_state
-        return net.exit_logits(last, hidden, mask)
-
+    best = dict.fromkeys(engines, float("inf"))
     with torch.inference_mode(), autocast():
-        run = full if policy is None else (lambda b: early_exit(net, policy, b["input_ids"], b["attention_mask"],
-                                                                b["token_type_ids"], exit_layers=exit_layers))
-        run(batches[0])  # warm-up
-        best = float("inf")
+        for engine in engines.values():
+            run(engine, batches[0])  # warm-up
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for b in batches:
-                run(b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
+            for name, engine in engines.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for b in batches:
+                    run(engine, b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def sweep(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tensor, layers: list[int],
@@ -207,13 +201,20 @@ def evaluate(cfg: DictConfig) -> dict:
     timed = torch.linspace(0, len(single) - 1, min(cfg.eval.timing_samples, len(single))).long()
     single = [single[i] for i in timed.tolist()]
     batched = [{k: v.to(device) for k, v in b.items()} for b in loader]
-    full_1, full_b = time_runs(net, None, single, device, autocast), time_runs(net, None, batched, device, autocast)
+    # The full pass is the same engine with only the final exit: identical code but for the exits.
+    full = EarlyExit(net, NoExit(), exit_layers=layers[-1:])
+    repeats = cfg.eval.timing_repeats
+    full_1, full_b = float("inf"), time_runs({"full": full}, batched, device, autocast, repeats)["full"]
     for row in rows:
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
         timed_layers = simulate(p, logits, layers).exit_layer[timed].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
-        row["measured_speedup_bs1"] = full_1 / time_runs(net, p, single, device, autocast, layers)
-        row["measured_speedup_batched"] = full_b / time_runs(net, p, batched, device, autocast, layers)
+        engine = EarlyExit(net, p, layers)
+        seconds = time_runs({"full": full, "exit": engine}, single, device, autocast, repeats)  # paired: bs=1 is noisy
+        full_1 = min(full_1, seconds["full"])
+        row["measured_speedup_bs1"] = seconds["full"] / seconds["exit"]
+        seconds = time_runs({"exit": engine}, batched, device, autocast, repeats)
+        row["measured_speedup_batched"] = full_b / seconds["exit"]
     summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
                    timing_samples=len(single), batch_size=loader.batch_size)
     if isinstance(policy, BudgetExit):
@@ -269,6 +270,7 @@ def predict(cfg: DictConfig) -> Path:
         policy = policy.choose(sweep(policy.base, logits, labels, layers, task), as_policy=True)
     texts = read_texts(Path(cfg.predict.input), task)
     tokenizer = setup.datamodule.tokenizer
+    engine = EarlyExit(net, policy, layers) if net is not None else None
     out_rows = []
     for start in range(0, len(texts), cfg.eval.batch_size):
         chunk = texts[start:start + cfg.eval.batch_size]
@@ -279,8 +281,7 @@ def predict(cfg: DictConfig) -> Path:
                 z = system(dict(enc))[-1]
                 layer = torch.full((len(chunk),), system.exit_layers[-1])
             else:
-                result = early_exit(net, policy, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"),
-                                    exit_layers=layers)
+                result = engine(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
                 z, layer = result.logits, result.exit_layer
         z = z.float().cpu()
         for texts_i, logits_i, layer_i in zip(chunk, z, layer.tolist()):

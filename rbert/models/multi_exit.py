@@ -26,6 +26,15 @@ from rbert.models.classifier import POOLINGS, pool
 EXIT_STYLES = ("highway", "pabee")
 
 
+def exit_head(pooled: torch.Tensor, pooler_weight: torch.Tensor, pooler_bias: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
+    """An exit's arithmetic: dense + tanh (a BertPooler), dropout when training, linear."""
+    hidden = torch.tanh(F.linear(pooled, pooler_weight, pooler_bias))
+    if dropout is not None:
+        hidden = dropout(hidden)
+    return F.linear(hidden, weight, bias)
+
+
 class ExitHead(nn.Module):
     """pooler (own, or the backbone's when ``pooler`` is None) -> dropout -> linear."""
 
@@ -35,15 +44,13 @@ class ExitHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, pooled: torch.Tensor, shared_pooler: BertPooler) -> torch.Tensor:
+    def weights(self, shared_pooler: BertPooler) -> tuple[torch.Tensor, ...]:
+        """The tensors :func:`exit_head` takes after ``pooled``."""
         pooler = self.pooler if self.pooler is not None else shared_pooler
-        # BertPooler (dense + tanh) and the classifier as functional calls, and no dropout call in
-        # eval: early exit runs this after every layer, and at batch size 1 on a CPU the
-        # module-call overhead alone was ~2% of a MiniLM layer per exit.
-        hidden = torch.tanh(F.linear(pooled, pooler.dense.weight, pooler.dense.bias))
-        if self.training:
-            hidden = self.dropout(hidden)
-        return F.linear(hidden, self.classifier.weight, self.classifier.bias)
+        return pooler.dense.weight, pooler.dense.bias, self.classifier.weight, self.classifier.bias
+
+    def forward(self, pooled: torch.Tensor, shared_pooler: BertPooler) -> torch.Tensor:
+        return exit_head(pooled, *self.weights(shared_pooler), dropout=self.dropout if self.training else None)
 
 
 class MultiExitBert(nn.Module):
@@ -83,6 +90,10 @@ class MultiExitBert(nn.Module):
     def exit_logits(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of exit number ``index`` (0-based, in ``exit_layers`` order) on that layer's output."""
         return self.exits[index](pool(hidden, attention_mask, self.pooling), self.bert.pooler)
+
+    def exit_weights(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Exit ``index``'s tensors for :func:`exit_head`, for loops that look them up once."""
+        return self.exits[index].weights(self.bert.pooler)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
