@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from datetime import date
 from itertools import islice
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from rbert.data.glue import read_table  # noqa: E402
 from rbert.inference.engine import EarlyExit  # noqa: E402
-from rbert.inference.evaluate import load_system  # noqa: E402
+from rbert.inference.evaluate import load_system, time_in_turns  # noqa: E402
 from rbert.inference.policies import POLICIES, NoExit  # noqa: E402
 from rbert.models.hub import load_tokenizer  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
@@ -46,20 +45,6 @@ def make_policy(spec: str):
     name, _, value = spec.partition(":")
     cls = POLICIES[name]
     return cls() if not value else cls(int(value) if name in ("fixed", "patience") else float(value))
-
-
-def best_times(runs: dict, repeats: int) -> dict[str, float]:
-    """Seconds per pass of each callable, best of ``repeats``, the runs taken in turns."""
-    best = dict.fromkeys(runs, float("inf"))
-    with torch.inference_mode():
-        for run in runs.values():
-            run()  # warm-up
-        for _ in range(repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -84,19 +69,16 @@ def main() -> None:
     samples = [(s["input_ids"], s["attention_mask"], s["token_type_ids"]) for s in samples]
     bert, num_layers = net.bert, layers[-1]
 
-    def run_layers(depths: list[int]):  # embeddings + each sample's first `depth` layers, nothing else
-        def run():
-            for (ids, _, types), depth in zip(samples, depths):
-                hidden = bert.embed(ids, types)
-                for layer in islice(bert.encoder.layer, depth):
-                    hidden = layer(hidden, None)
+    def run_layers(depths: list[int]):  # embeddings + a sample's first `depth` layers, nothing else
+        def run(i):
+            ids, _, types = samples[i]
+            hidden = bert.embed(ids, types)
+            for layer in islice(bert.encoder.layer, depths[i]):
+                hidden = layer(hidden, None)
         return run
 
     def run_engine(engine: EarlyExit):
-        def run():
-            for sample in samples:
-                engine(*sample)
-        return run
+        return lambda i: engine(*samples[i])
 
     full = EarlyExit(net, NoExit(), exit_layers=[num_layers])
     rows = []
@@ -104,8 +86,10 @@ def main() -> None:
         engine = EarlyExit(net, make_policy(spec), layers)
         depths = [int(engine(*s).exit_layer) for s in samples]
         consulted = sum(sum(layer <= d for layer in layers) for d in depths)
-        t = best_times({"full": run_engine(full), "engine": run_engine(engine), "layers only": run_layers(depths),
-                        "bare": run_layers([num_layers] * len(samples))}, args.repeats)
+        with torch.inference_mode():
+            t = time_in_turns({"full": run_engine(full), "engine": run_engine(engine),
+                               "layers only": run_layers(depths), "bare": run_layers([num_layers] * len(samples))},
+                              len(samples), args.repeats)
         layer_speedup = num_layers * len(depths) / sum(depths)
         rows.append({
             "policy": spec, "mean exit": sum(depths) / len(depths), "layer speed-up": layer_speedup,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 
+from rbert.inference.evaluate import time_in_turns
 from tests.test_run import run_cli
 
 
@@ -92,3 +94,22 @@ def test_exit_policy_on_single_exit_checkpoint_is_refused(glue_dir, tmp_path):
     assert proc.returncode == 2 and "needs a multi-exit model" in proc.stderr
     run_cli(tmp_path / "ok", "mode=eval", f"ckpt_path={ckpt}", "exit_policy=none", f"data_dir={glue_dir}")
     assert json.loads((tmp_path / "ok" / "eval.json").read_text())["forced"][0]["exit"] == "exit 4"
+
+
+def test_timing_keeps_each_items_best_and_takes_turns():
+    """A slow spell spoils one item's time in one pass only; every call runs each item per pass."""
+    log = []
+
+    def call(name):
+        def run(i):
+            if name == "a" and i == 1 and ("a", 1) not in log:  # a stall in a's first pass on item 1
+                time.sleep(0.2)
+            log.append((name, i))
+        return run
+
+    seconds = time_in_turns({"a": call("a"), "b": call("b")}, count=3, repeats=2)
+    assert set(seconds) == {"a", "b"} and seconds["a"] < 0.1
+    assert log[:2] == [("a", 0), ("b", 0)]  # warm-ups
+    # pass 1 in the order a, b; pass 2 in the order b, a: item by item
+    assert log[2:8] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert log[8:] == [("b", 0), ("a", 0), ("b", 1), ("a", 1), ("b", 2), ("a", 2)]

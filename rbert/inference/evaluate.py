@@ -86,28 +86,41 @@ def only(logits: list[torch.Tensor], exit_layers: list[int], keep: list[int]) ->
     return [logits[exit_layers.index(layer)] for layer in keep]
 
 
+def time_in_turns(calls: dict[str, Callable[[int], object]], count: int, repeats: int = 3,
+                  sync: Callable[[], object] | None = None) -> dict[str, float]:
+    """Seconds each of ``calls`` takes over items ``0..count-1``: the sum over items of each
+    item's best of ``repeats`` timings.
+
+    Every item is timed with each call in turn, the order rotating between passes. On a shared
+    machine a stall or slow spell then spoils one item's time in one pass, not a whole pass,
+    and hits every call alike; bs=1 timings especially were noisy without this.
+    """
+    names = list(calls)
+    best = {name: [float("inf")] * count for name in names}
+    sync = sync or (lambda: None)
+    for call in calls.values():
+        call(0)  # warm-up
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for i in range(count):
+            for name in order:
+                sync()
+                start = time.perf_counter()
+                calls[name](i)
+                sync()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: sum(times) for name, times in best.items()}
+
+
 def time_runs(engines: dict[str, EarlyExit], batches: list[dict], device, autocast,
               repeats: int = 3) -> dict[str, float]:
-    """Seconds each engine takes to answer ``batches``: the best of ``repeats`` passes, taken
-    in turns, so that a stall or a slow spell of the machine hits every engine alike."""
-    def run(engine, b):
-        return engine(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    """Seconds each engine takes to answer ``batches`` (see :func:`time_in_turns`)."""
+    def call(engine):
+        return lambda i: engine(batches[i]["input_ids"], batches[i]["attention_mask"], batches[i]["token_type_ids"])
 
-    best = dict.fromkeys(engines, float("inf"))
     with torch.inference_mode(), autocast():
-        for engine in engines.values():
-            run(engine, batches[0])  # warm-up
-        for _ in range(repeats):
-            for name, engine in engines.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for b in batches:
-                    run(engine, b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+        return time_in_turns({name: call(e) for name, e in engines.items()}, len(batches), repeats,
+                             torch.cuda.synchronize if device.type == "cuda" else None)
 
 
 def sweep(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tensor, layers: list[int],
@@ -204,17 +217,19 @@ def evaluate(cfg: DictConfig) -> dict:
     # The full pass is the same engine with only the final exit: identical code but for the exits.
     full = EarlyExit(net, NoExit(), exit_layers=layers[-1:])
     repeats = cfg.eval.timing_repeats
-    full_1, full_b = float("inf"), time_runs({"full": full}, batched, device, autocast, repeats)["full"]
+    full_1 = full_b = float("inf")
     for row in rows:
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
         timed_layers = simulate(p, logits, layers).exit_layer[timed].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
         engine = EarlyExit(net, p, layers)
-        seconds = time_runs({"full": full, "exit": engine}, single, device, autocast, repeats)  # paired: bs=1 is noisy
+        # Each point is timed in turns with a full pass (see time_in_turns): timings drift.
+        seconds = time_runs({"full": full, "exit": engine}, single, device, autocast, repeats)
         full_1 = min(full_1, seconds["full"])
         row["measured_speedup_bs1"] = seconds["full"] / seconds["exit"]
-        seconds = time_runs({"exit": engine}, batched, device, autocast, repeats)
-        row["measured_speedup_batched"] = full_b / seconds["exit"]
+        seconds = time_runs({"full": full, "exit": engine}, batched, device, autocast, repeats)
+        full_b = min(full_b, seconds["full"])
+        row["measured_speedup_batched"] = seconds["full"] / seconds["exit"]
     summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
                    timing_samples=len(single), batch_size=loader.batch_size)
     if isinstance(policy, BudgetExit):

@@ -35,11 +35,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_one(logits: list[float]) -> float:
-    """:func:`entropy` of one sample's logits, in plain Python (same steps, same float64)."""
+    """:func:`entropy` of one sample's logits, in plain Python (float64)."""
+    if len(logits) == 2:  # the binary entropy of the margin m: fewer steps on a cold cache
+        m = abs(logits[0] - logits[1])
+        e = math.exp(-m)
+        return math.log1p(e) + m * e / (1.0 + e)
     top = max(logits)
-    log_total = math.log(sum(math.exp(z - top) for z in logits))
-    logp = [z - top - log_total for z in logits]
-    return -sum(math.exp(lp) * lp for lp in logp)
+    shifted = [z - top for z in logits]
+    weights = [math.exp(z) for z in shifted]
+    total = sum(weights)  # H = -sum p (z - top - ln total) = ln total - sum w (z - top) / total
+    return math.log(total) - sum(w * z for w, z in zip(weights, shifted)) / total
 
 
 class ExitPolicy:
@@ -176,6 +181,8 @@ class ConfidenceExit(ExitPolicy):
         return torch.softmax(logits.double(), dim=-1).amax(dim=-1) >= self.threshold, state
 
     def decide_one(self, logits, layer, state):
+        if len(logits) == 2:  # the top probability is the sigmoid of the margin
+            return 1.0 / (1.0 + math.exp(-abs(logits[0] - logits[1]))) >= self.threshold, state
         top = max(logits)  # the top class's probability is exp(0) / sum(exp(z - top))
         return 1.0 / sum(math.exp(z - top) for z in logits) >= self.threshold, state
 
