@@ -142,8 +142,9 @@ POLICIES = [EntropyExit(0.3), EntropyExit(0.6), ConfidenceExit(0.8), PatienceExi
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
 @pytest.mark.parametrize("exit_layers", [None, [2, 3]])
-def test_engine_matches_simulation_and_batch_size_one(policy, exit_layers):
-    model = tiny_model(exit_layers=exit_layers)
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_engine_matches_simulation_and_batch_size_one(policy, exit_layers, pooling):
+    model = tiny_model(exit_layers=exit_layers, pooling=pooling)
     ids, mask, types = padded_batch()
     batched = early_exit(model, policy, ids, mask, types)
     with torch.no_grad():
@@ -203,5 +204,10 @@ def test_engine_with_mixed_precision(device):
     with torch.autocast(device, dtype=torch.bfloat16):
         batched = early_exit(model, EntropyExit(0.6), ids, mask, types)
         full = simulate(EntropyExit(0.6), model(ids, mask, types), model.exit_layers)
+        alone = [early_exit(model, EntropyExit(0.6), ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
+                 for i, n in enumerate(mask.sum(dim=1).tolist())]
     agree = (batched.exit_layer == full.exit_layer).float().mean().item()
     assert agree >= 0.9  # bf16 rounding may flip a sample sitting on the threshold
+    alone_layers = torch.cat([a.exit_layer for a in alone])
+    assert (alone_layers == batched.exit_layer).float().mean().item() >= 0.9
+    assert all(a.logits.dtype == torch.bfloat16 for a in alone)  # the bs=1 path ran under autocast
