@@ -1,8 +1,12 @@
-"""rbert's one entry point: ``python run.py task=sst2 model=bert`` trains, validates, tests.
+"""rbert's one entry point.
 
-Every option is a Hydra config group under ``conf/``; see README.md.
+``python run.py task=sst2 model=bert`` fine-tunes, validates and tests (``conf/config.yaml``);
+``python run.py --config-name pretrain`` pre-trains a masked-LM BERT (``conf/pretrain.yaml``).
+``mode=eval`` / ``mode=predict`` evaluate or apply a fine-tuned checkpoint. Every option is a
+Hydra config group under ``conf/``; see README.md.
 """
 
+import importlib
 import logging
 import sys
 
@@ -10,6 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 log = logging.getLogger("rbert")
+
+# mode -> module whose run(cfg) carries it out (imported late so that --help and config errors are fast).
+MODES = {"train": "rbert.train", "pretrain": "rbert.pretrain", "eval": "rbert.inference.evaluate",
+         "predict": "rbert.inference.predict"}
 
 
 def config_error(err: BaseException):
@@ -25,29 +33,25 @@ def config_error(err: BaseException):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    # Imported late so that --help and config errors are fast.
     from rbert.errors import ConfigError
-    from rbert.inference.evaluate import evaluate, predict
-    from rbert.train import run
 
     try:
-        if cfg.mode == "eval":
-            evaluate(cfg)
-            return None
-        if cfg.mode == "predict":
-            predict(cfg)
-            return None
-        if cfg.mode != "train":
-            raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose train, eval or predict")
-        results = run(cfg)
+        if cfg.mode not in MODES:
+            raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+        if (cfg.mode == "pretrain") != (cfg.get("task") is None):
+            raise ConfigError(f"mode={cfg.mode} needs "
+                              + ("--config-name pretrain" if cfg.mode == "pretrain" else "the default config "
+                                 "(no --config-name pretrain): it works on a task"))
+        results = importlib.import_module(MODES[cfg.mode]).run(cfg)
     except Exception as err:
         bad_input = config_error(err)
         if bad_input is None:
             raise
         print(f"error: {bad_input}", file=sys.stderr)
         sys.exit(2)
-    # For Hydra sweepers that optimise a value: the monitored test metric.
-    return results.get(f"test/{cfg.task.monitor}")
+    # For Hydra sweepers that optimise a value: the one named by the config's `objective`.
+    objective = cfg.get("objective")
+    return results.get(objective) if objective and isinstance(results, dict) else None
 
 
 if __name__ == "__main__":

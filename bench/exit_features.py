@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rbert.data.glue import read_table  # noqa: E402
-from rbert.inference.evaluate import load_system  # noqa: E402
+from rbert.inference.evaluate import load_task_system  # noqa: E402
 from rbert.models import load_encoder  # noqa: E402
 from rbert.models.classifier import pool  # noqa: E402
 from rbert.models.hub import load_tokenizer  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
     encoders = {"pretrained": load_encoder(args.backbone)}
     for item in args.ckpt:
         name, path = item.split("=", 1)
-        encoders[name] = load_system(path)[0].net.bert
+        encoders[name] = load_task_system(path)[0].net.bert
     rows = []
     for name, bert in encoders.items():
         per_layer = [layer_features(bert.eval(), {k: v[i:i + 64] for k, v in batch.items()})

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from rbert.data.glue import read_table  # noqa: E402
 from rbert.inference.engine import EarlyExit  # noqa: E402
-from rbert.inference.evaluate import load_system, time_in_turns  # noqa: E402
+from rbert.inference.evaluate import load_task_system, time_in_turns  # noqa: E402
 from rbert.inference.policies import POLICIES, NoExit  # noqa: E402
 from rbert.models.hub import load_tokenizer  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/exit_overhead.json")
     args = parser.parse_args()
 
-    system, train_cfg, trained = load_system(args.ckpt)
+    system, train_cfg, trained = load_task_system(args.ckpt)
     net = system.net
     layers = sorted(set(args.exit_layers or trained) | {trained[-1]})
     task = hydra.utils.instantiate(OmegaConf.load(REPO / "conf/task/sst2.yaml"))

@@ -10,6 +10,7 @@ from tests.glue_files import write_glue
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+SHARED_TEXT = REPO.parent / "shared" / "data" / "text"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +25,21 @@ def _isolated_cache(tmp_path_factory):
 def glue_dir(tmp_path_factory) -> Path:
     """Tiny copies of all nine GLUE tasks in the canonical layout and formats."""
     return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """Raw text in the layout of ../shared/data/text (one paragraph a line, a blank line between documents)."""
+    root = tmp_path_factory.mktemp("text")
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly box a jaded king".split()
+    for k, name in enumerate(("train.txt", "valid.txt", "wikitext-2/valid.txt")):
+        docs = []
+        for d in range(8 if name == "train.txt" else 3):
+            paragraphs = [" ".join(words[(d + p + i + k) % len(words)] for i in range(90)) for p in range(3)]
+            docs.append("\n".join(paragraphs))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("\n\n".join(docs) + "\n")
+    return root
 
 
 @pytest.fixture(scope="session")

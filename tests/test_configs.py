@@ -12,19 +12,36 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from rbert.build import build_datamodule, build_system, build_task, instantiate_all
 from rbert.inference.policies import ExitPolicy
-from rbert.train import instantiate_all
+from rbert.systems import MaskedLM, TaskSystem
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 # Files starting with "_" are fragments that options include, not options.
 OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / group).glob("*.yaml"))
            if not yaml.stem.startswith("_")]
+# The primary config each option belongs to: conf/config.yaml (fine-tuning on a task, eval,
+# predict) or conf/pretrain.yaml (masked-LM pre-training). Options of other groups go with both.
+PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("experiment", "pretrain_small")} | {
+    ("arch", o) for g, o in OPTIONS if g == "arch"}
+TASK_ONLY_GROUPS = {"task", "exit_policy", "budget"}
 
 
-def make_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+def primaries(group: str, option: str) -> list[str]:
+    if (group, option) in PRETRAIN:
+        return ["pretrain"]
+    if group in TASK_ONLY_GROUPS or group in ("data", "model", "experiment"):
+        return ["config"]
+    return ["config", "pretrain"]
+
+
+CASES = [(primary, group, option) for group, option in OPTIONS for primary in primaries(group, option)]
+
+
+def make_config(overrides: list[str], tmp_path: Path, primary: str = "config") -> DictConfig:
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(primary, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
@@ -44,31 +61,50 @@ def instantiate_trainer(cfg: DictConfig) -> object:
 
 def test_groups_are_all_covered():
     assert {"task", "model", "data", "trainer", "logger", "callbacks", "paths", "debug", "experiment",
-            "exit_policy"} <= set(GROUPS)
+            "exit_policy", "arch"} <= set(GROUPS)
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "amp"} <= {o for g, o in OPTIONS if g == "trainer"}
     assert {"csv", "wandb", "none"} <= {o for g, o in OPTIONS if g == "logger"}
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_instantiates(group, option, glue_dir, tmp_path):
+def test_pretrain_config_carries_no_task():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("pretrain")
+    assert "task" not in cfg and "backbone" not in cfg and "exit_policy" not in cfg
+    assert cfg.mode == "pretrain" and cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize(("primary", "group", "option"), CASES, ids=[f"{p}:{g}={o}" for p, g, o in CASES])
+def test_option_composes_and_instantiates(primary, group, option, glue_dir, text_dir, tmp_path):
     # hydra/default is the only option of its group and always in use.
     overrides = [] if group == "hydra" else [f"{group}={option}"]
-    cfg = make_config(overrides + ["backbone=tiny", f"data_dir={glue_dir}"], tmp_path)
+    if primary == "pretrain":
+        overrides += [f"data_dir={text_dir}"] + ([] if group == "arch" else ["arch=tiny"])
+    else:
+        overrides += ["backbone=tiny", f"data_dir={glue_dir}"]
+    cfg = make_config(overrides, tmp_path, primary)
     if group == "task" and option == "custom":
         with open_dict(cfg):
             cfg.data_dir = str(tmp_path)
         (tmp_path / "train.csv").write_text("sentence,label\ngood,1\nbad,0\n")
         (tmp_path / "dev.csv").write_text("sentence,label\nfine,1\n")
 
-    task = hydra.utils.instantiate(cfg.task)
-    model = hydra.utils.instantiate(cfg.model, _partial_=True)(task=task)
-    assert isinstance(model, pl.LightningModule)
-    datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)(task=task)
+    task = build_task(cfg)
+    model = build_system(cfg, task)
+    datamodule = build_datamodule(cfg, task)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    logits = model(batch)[-1]
-    assert logits.shape == (batch["input_ids"].shape[0], task.num_labels)
-    assert isinstance(hydra.utils.instantiate(cfg.exit_policy), ExitPolicy)
+    size = batch["input_ids"].shape[0]
+    # What each system type produces: task systems one logits tensor per exit, MLM systems
+    # a loss and logits on the masked positions only.
+    if isinstance(model, TaskSystem):
+        assert primary == "config"
+        assert model(batch)[-1].shape == (size, task.num_labels)
+        assert isinstance(hydra.utils.instantiate(cfg.exit_policy), ExitPolicy)
+    else:
+        assert isinstance(model, MaskedLM) and primary == "pretrain"
+        out = model(batch)
+        masked = int((batch["labels"] != -100).sum())
+        assert out.logits.shape == (masked, model.net.config.vocab_size) and torch.isfinite(out.loss)
     for logger in instantiate_all(cfg.get("logger")):
         assert isinstance(logger, pl.loggers.Logger)
     for callback in instantiate_all(cfg.get("callbacks")):

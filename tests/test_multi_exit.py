@@ -148,6 +148,19 @@ def test_gradient_regularization_step(anchor, conflict, monkeypatch):
             torch.testing.assert_close(p.grad, zero(ga, p) + zero(gm, p), rtol=1e-4, atol=1e-7)
 
 
+def test_gradient_regularization_skips_an_overflowed_anchor_gradient():
+    """fp16: the separate g_A pass may overflow where the total does not; .grad must stay finite and untouched."""
+    system = attach_trainer(RomeBERT(task_spec("sst2"), net(), ADAMW).eval())
+    loss, _ = system.training_loss(make_batch())
+    loss.backward()
+    before = [p.grad.clone() for p in system.gr_params]
+    system._g_anchor[0].fill_(float("inf"))
+    system.on_before_optimizer_step(None)
+    assert system._g_anchor is None  # consumed, not carried into the next step
+    for p, g in zip(system.gr_params, before):
+        assert torch.equal(p.grad, g) and torch.isfinite(p.grad).all()
+
+
 def test_deebert_stages_freeze_the_right_parts():
     system = DeeBERT(task_spec("sst2"), net(), ADAMW)
     trainable = lambda: {n for n, p in system.net.named_parameters() if p.requires_grad}  # noqa: E731

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "run.py", "backbone=tiny", f"hydra.run.dir={run_dir}", *overrides]
+def run_cli(run_dir: Path, *overrides: str, check: bool = True, backbone: bool = True,
+            config: str | None = None) -> subprocess.CompletedProcess:
+    """``python run.py`` (``--config-name config``), with the tiny random backbone unless ``backbone=False``."""
+    cmd = [sys.executable, "run.py", *(["--config-name", config] if config else []),
+           *(["backbone=tiny"] if backbone else []), f"hydra.run.dir={run_dir}", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -41,7 +45,7 @@ def test_trains_checkpoints_and_reports(glue_dir, tmp_path):
     assert "test/accuracy" in proc.stdout and "final" in proc.stdout  # the result table
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file()
-    stored = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)
+    stored = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=True)
     assert stored["rbert_config"]["task"]["name"] == "sst2"  # the run can be rebuilt from its checkpoint
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         logged = set(next(csv.reader(f)))
@@ -52,13 +56,37 @@ def test_resume_from_checkpoint(glue_dir, tmp_path):
     common = [f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null"]
     run_cli(tmp_path / "first", *common, "trainer.max_epochs=1", "test=false")
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    first = torch.load(last, map_location="cpu", weights_only=False)
+    first = torch.load(last, map_location="cpu", weights_only=True)
     run_cli(tmp_path / "second", *common, "trainer.max_epochs=2", f"ckpt_path={last}", "test=false")
-    second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert (first["epoch"], second["epoch"]) == (0, 1)
+    second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert second["epoch"] == first["epoch"] + 1  # one more epoch
     assert second["global_step"] == 2 * first["global_step"] == 8  # 64 rows / 16 per batch, twice
     # The optimiser and schedule went on from where they stopped.
     assert second["lr_schedulers"][0]["last_epoch"] == 8
+
+
+def test_killed_run_resumes_to_the_same_weights(glue_dir, tmp_path):
+    """kill -9 partway, resume from last.ckpt (mid-epoch): the same final weights as an uninterrupted run."""
+    common = [f"data_dir={glue_dir}", "model=bert", "data.batch_size=8", "data.train_limit=null",
+              "model.net.bert.dropout=0.0", "model.net.dropout=0.0", "trainer.max_epochs=30", "test=false",
+              "callbacks.step_checkpoint.every_n_train_steps=3", "logger=none"]  # 8 batches an epoch
+    run_cli(tmp_path / "whole", *common)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "run.py", "backbone=tiny", f"hydra.run.dir={killed}", *common]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not last.exists():
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert 0 < ckpt["global_step"] < 240
+    run_cli(tmp_path / "resumed", *common, f"ckpt_path={last}")
+    whole = state(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    resumed = state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_mnli_evaluates_matched_and_mismatched(glue_dir, tmp_path):
@@ -99,7 +127,7 @@ def test_bad_input_gives_one_clear_line(overrides, message, glue_dir, tmp_path):
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_deebert_stage2_leaves_backbone_and_final_exit_bit_for_bit(glue_dir, tmp_path):
@@ -117,7 +145,7 @@ def test_deebert_stage2_leaves_backbone_and_final_exit_bit_for_bit(glue_dir, tmp
     assert {f"test/exit_{i}/accuracy" for i in (1, 2, 3, 4)} <= set(table)
 
     # Stage 1's internal exits are untrained: the checkpoint says so and early exit refuses them.
-    trained = {stage: torch.load(ckpts / stage / "last.ckpt", weights_only=False)["rbert_trained_exits"]
+    trained = {stage: torch.load(ckpts / stage / "last.ckpt", weights_only=True)["rbert_trained_exits"]
                for stage in ("stage1", "stage2")}
     assert trained == {"stage1": [4], "stage2": [1, 2, 3, 4]}
     proc = run_cli(tmp_path / "ev1", "mode=eval", f"ckpt_path={ckpts / 'stage1' / 'last.ckpt'}",

@@ -16,9 +16,10 @@ import datasets
 import numpy as np
 import pytorch_lightning as pl
 from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from rbert.data.resume import ResumableData
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
 from rbert.models.hub import load_tokenizer, resolve
@@ -62,7 +63,7 @@ def read_table(path: Path, task: TaskSpec, cache_dir: str | None = None, require
     return ds.rename_columns({k: v for k, v in wanted.items() if k != v})
 
 
-class GlueDataModule(pl.LightningDataModule):
+class GlueDataModule(ResumableData, pl.LightningDataModule):
     """Train / evaluation dataloaders for one :class:`TaskSpec`.
 
     Args:
@@ -72,7 +73,7 @@ class GlueDataModule(pl.LightningDataModule):
             loads the task from the Hugging Face hub.
         max_length: truncation length in tokens.
         train_limit: train on a random subset of this many rows (``None``: all).
-        seed: picks the ``train_limit`` subset.
+        seed: picks the ``train_limit`` subset and shuffles the training rows (per epoch).
         cache_dir: where ``datasets`` keeps its Arrow caches (``None``: its default).
         shuffle: shuffle the training rows each epoch (off only to compare runs batch for batch).
     """
@@ -210,12 +211,10 @@ class GlueDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
-        if not self.shuffle and self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning's own distributed sampler always shuffles training data; keep file order.
-            sampler = DistributedSampler(train, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
-            return DataLoader(train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        return self._loader(train, self.batch_size, shuffle=self.shuffle)
+        # Seeded shuffle (or file order), split over DDP ranks, resumable mid-epoch.
+        return DataLoader(train, batch_size=self.batch_size, collate_fn=self.collate,
+                          sampler=self.train_sampler(train, self.batch_size, self.seed, shuffle=self.shuffle),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.task.eval_splits]

@@ -1,4 +1,4 @@
-"""``mode=eval`` and ``mode=predict``: early-exit evaluation and prediction from a checkpoint.
+"""``mode=eval``: early-exit evaluation of a fine-tuned checkpoint (and what ``mode=predict`` shares).
 
 eval, on the task's first dev set:
   * forced per-exit metrics (every sample through exit i), from one full forward pass;
@@ -7,7 +7,6 @@ eval, on the task's first dev set:
   * measured wall-clock time of the engine at batch size 1 and batched, against a full
     forward pass, for every sweep point;
   * a table, ``sweep.csv`` / ``eval.json`` and ``sweep.png`` in the run folder (and W&B).
-predict: answers a file of texts with the engine, writing each prediction and its exit layer.
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from rbert.build import build_datamodule, instantiate_all, load_system
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
 from rbert.inference.engine import EarlyExit, simulate
@@ -33,27 +33,23 @@ from rbert.metrics import build_metrics, predictions
 from rbert.models.multi_exit import MultiExitBert
 from rbert.report import atomic_write_text, format_table, write_json
 from rbert.systems.base import TaskSystem
-from rbert.train import check_checkpoint, instantiate_all
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- loading
-def load_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig, list[int]]:
-    """Rebuild a trained system from its checkpoint (the config that trained it is stored inside).
+def load_task_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig, list[int]]:
+    """Rebuild a fine-tuned system from its checkpoint (the config that trained it is stored inside).
 
     Also returns the layers of the exits its objective had trained when the checkpoint was
     written (e.g. only the final one after DeeBERT's stage 1): early exit uses only those.
     """
-    ckpt = torch.load(check_checkpoint(ckpt_path), map_location="cpu", weights_only=False)
-    if "rbert_config" not in ckpt:
-        raise ConfigError(f"ckpt_path: {ckpt_path} was not written by rbert's run.py (no rbert_config inside)")
-    train_cfg = OmegaConf.create(ckpt["rbert_config"])
-    task = hydra.utils.instantiate(train_cfg.task)
-    system = hydra.utils.instantiate(train_cfg.model, _partial_=True)(task=task)
-    system.load_state_dict(ckpt["state_dict"])
+    system, train_cfg, ckpt = load_system(ckpt_path)
+    if not isinstance(system, TaskSystem):
+        raise ConfigError(f"ckpt_path: {ckpt_path} is a pre-training checkpoint; fine-tune it first "
+                          "(its run folder's hf/ is a backbone: backbone=<run>/hf)")
     trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
-    return system.eval(), train_cfg, trained
+    return system, train_cfg, trained
 
 
 def multi_exit_net(system: TaskSystem, policy: ExitPolicy, trained: list[int]) -> MultiExitBert | None:
@@ -154,9 +150,9 @@ class Setup:
     train_cfg: DictConfig
 
 
-def _setup(cfg: DictConfig) -> Setup:
+def prepare(cfg: DictConfig) -> Setup:
     policy: ExitPolicy = hydra.utils.instantiate(cfg.exit_policy)
-    system, train_cfg, trained = load_system(cfg.ckpt_path)
+    system, train_cfg, trained = load_task_system(cfg.ckpt_path)
     layers = trained
     if cfg.eval.get("exit_layers"):  # fewer exits: less per-exit work, coarser exit choices
         wanted = sorted({int(layer) for layer in cfg.eval.exit_layers})
@@ -173,23 +169,23 @@ def _setup(cfg: DictConfig) -> Setup:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)(task=system.task, backbone=train_cfg.backbone)
+    datamodule = build_datamodule(cfg, system.task, backbone=train_cfg.backbone)
     return Setup(policy, system, net, trained, layers, device, autocast, datamodule, train_cfg)
 
 
-def _dev_loader(datamodule):
+def dev_loader(datamodule):
     datamodule.setup("validate")
     return datamodule.val_dataloader()[0]
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: mode=eval needs the checkpoint to evaluate")
-    setup = _setup(cfg)
+    setup = prepare(cfg)
     policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
                                                      setup.device, setup.autocast)
     task = system.task
-    loader = _dev_loader(setup.datamodule)
+    loader = dev_loader(setup.datamodule)
     logits, labels = exit_logits(system, loader, device, autocast)
     forced = [{"exit": f"exit {layer}" + ("" if layer in setup.trained else " (untrained)"),
                **task_metric(task, z, labels)} for layer, z in zip(system.exit_layers, logits)]
@@ -252,65 +248,3 @@ def evaluate(cfg: DictConfig) -> dict:
             logger.log_image("eval/sweep_plot", images=[str(out / "sweep.png")])
     log.info("evaluation written to %s", out)
     return summary
-
-
-def read_texts(path: Path, task: TaskSpec) -> list[list[str]]:
-    """Texts to answer: ``.txt`` (one sample a line, a pair's texts tab-separated) or a table with the task's fields."""
-    if not path.is_file():
-        raise ConfigError(f"predict.input: {path} does not exist")
-    n = len(task.text_fields)
-    if path.suffix.lower() == ".txt":
-        rows = [line.split("\t") for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        for i, row in enumerate(rows):
-            if len(row) != n:
-                raise ConfigError(f"{path}: line {i + 1} has {len(row)} tab-separated texts, task {task.name} "
-                                  f"needs {n}")
-        return rows
-    from rbert.data.glue import read_table
-
-    table = read_table(path, task, require_label=False)
-    return [[str(r[f]) for f in task.text_fields] for r in table]
-
-
-def predict(cfg: DictConfig) -> Path:
-    if not cfg.get("ckpt_path") or not cfg.predict.get("input"):
-        raise ConfigError("mode=predict needs ckpt_path=... and predict.input=<file of texts>")
-    setup = _setup(cfg)
-    policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
-                                                     setup.device, setup.autocast)
-    task = system.task
-    if isinstance(policy, BudgetExit):  # pick the threshold on the dev set first
-        logits, labels = exit_logits(system, _dev_loader(setup.datamodule), device, autocast)
-        logits = only(logits, system.exit_layers, layers)
-        policy = policy.choose(sweep(policy.base, logits, labels, layers, task), as_policy=True)
-    texts = read_texts(Path(cfg.predict.input), task)
-    tokenizer = setup.datamodule.tokenizer
-    engine = EarlyExit(net, policy, layers) if net is not None else None
-    out_rows = []
-    for start in range(0, len(texts), cfg.eval.batch_size):
-        chunk = texts[start:start + cfg.eval.batch_size]
-        enc = tokenizer(*zip(*chunk), truncation=True, max_length=setup.datamodule.max_length, padding=True,
-                        return_tensors="pt").to(device)
-        with torch.no_grad(), autocast():
-            if net is None:
-                z = system(dict(enc))[-1]
-                layer = torch.full((len(chunk),), system.exit_layers[-1])
-            else:
-                result = engine(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-                z, layer = result.logits, result.exit_layer
-        z = z.float().cpu()
-        for texts_i, logits_i, layer_i in zip(chunk, z, layer.tolist()):
-            if task.is_regression:
-                answer, score = f"{logits_i.item():.4f}", logits_i.item()
-            else:
-                probs = torch.softmax(logits_i, -1)
-                answer, score = task.labels[int(probs.argmax())], float(probs.max())
-            out_rows.append([*texts_i, answer, f"{score:.4f}", layer_i])
-    output = Path(cfg.predict.output)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
-    writer.writerow([*task.text_fields, "prediction", "score" if task.is_regression else "probability", "exit_layer"])
-    writer.writerows(out_rows)
-    atomic_write_text(output, buffer.getvalue())
-    print(f"{len(out_rows)} predictions ({policy.describe()}) written to {output}")
-    return output

@@ -2,8 +2,11 @@
 
 from rbert.models.bert import ATTENTIONS, FEED_FORWARDS, BertConfig, BertModel
 from rbert.models.classifier import BertForSequenceClassification, pool
-from rbert.models.hub import load_encoder, load_tokenizer
+from rbert.models.hub import load_encoder, load_tokenizer, masked_lm
+from rbert.models.mlm import BertForMaskedLM
 from rbert.models.multi_exit import MultiExitBert
+from rbert.models.relaxed import LinearSelfAttention, LowRankLinear, expand_state_dict  # registers the relaxed blocks
 
 __all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertForSequenceClassification",
-           "MultiExitBert", "load_encoder", "load_tokenizer", "pool"]
+           "BertForMaskedLM", "LinearSelfAttention", "LowRankLinear", "MultiExitBert", "expand_state_dict",
+           "load_encoder", "load_tokenizer", "masked_lm", "pool"]

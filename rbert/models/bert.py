@@ -32,7 +32,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 
-__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput"]
+__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput", "load_by_name",
+           "write_hf_folder"]
 
 
 class BertEmbeddings(nn.Module):
@@ -196,7 +197,8 @@ class BertModel(nn.Module):
     :data:`FEED_FORWARDS`; the defaults give the standard BERT.
     """
 
-    def __init__(self, config: BertConfig, attention: str = "softmax", feed_forward: str = "dense"):
+    def __init__(self, config: BertConfig, attention: str = "softmax", feed_forward: str = "dense",
+                 add_pooling_layer: bool = True):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {sorted(ATTENTIONS)}")
@@ -207,7 +209,8 @@ class BertModel(nn.Module):
         self.feed_forward_type = feed_forward
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, attention, feed_forward)
-        self.pooler = BertPooler(config)
+        # Masked-LM models have no pooler (as in transformers.BertForMaskedLM).
+        self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(self._init_weights)
 
     # ------------------------------------------------------------------ structure
@@ -275,41 +278,60 @@ class BertModel(nn.Module):
         """
         import transformers
 
-        hf = transformers.BertModel.from_pretrained(name_or_path, **hf_kwargs)
-        if hf.config.model_type != "bert":
-            raise ValueError(f"{name_or_path}: model_type {hf.config.model_type!r} is not a BERT checkpoint")
-        model = cls(hf.config, attention=attention, feed_forward=feed_forward)
-        try:
-            model.load_state_dict(hf.state_dict())
-        except RuntimeError as err:
-            raise ValueError(f"{name_or_path}: weights do not load by name: {str(err).splitlines()[0]}") from err
-        return model
+        return load_by_name(transformers.BertModel, name_or_path,
+                            lambda config: cls(config, attention=attention, feed_forward=feed_forward), **hf_kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` readable by ``AutoModel.from_pretrained``.
+        """Write ``config.json`` + ``model.safetensors`` readable by ``AutoModel.from_pretrained``."""
+        self.check_standard()
+        tensors = {k: v for k, v in self.state_dict().items()}
+        write_hf_folder(folder, self.config, "BertModel", tensors)
 
-        Each file is written to a temporary name and renamed, so an interrupted save never
-        leaves a half-written file under the final name.
-        """
-        from safetensors.torch import save_file
-
+    def check_standard(self) -> None:
+        """Only a standard BERT (softmax attention, dense feed-forward) has a Hugging Face format."""
         if (self.attention_type, self.feed_forward_type) != ("softmax", "dense"):
-            raise ValueError("only a standard BERT (softmax attention, dense feed-forward) has a Hugging Face format")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        config.update(architectures=["BertModel"], model_type="bert")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            raise ValueError(f"a BERT with {self.attention_type} attention and {self.feed_forward_type} feed-forward "
+                             "has no Hugging Face format; expand it into a standard BERT first")
 
-        def write(name: str, save) -> None:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                save(tmp)
-                os.replace(tmp, folder / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
 
-        write("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        write("config.json", lambda p: BertConfig.from_dict(config).to_json_file(p))
+def load_by_name(hf_class, name_or_path: str | os.PathLike, build, **hf_kwargs) -> nn.Module:
+    """Read a checkpoint with the ``transformers`` class ``hf_class``, then copy its weights, strictly
+    by name, into ``build(config)``: an rbert model with the same module tree."""
+    hf = hf_class.from_pretrained(name_or_path, **hf_kwargs)
+    if hf.config.model_type != "bert":
+        raise ValueError(f"{name_or_path}: model_type {hf.config.model_type!r} is not a BERT checkpoint")
+    model = build(hf.config)
+    try:
+        model.load_state_dict(hf.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"{name_or_path}: weights do not load by name: {str(err).splitlines()[0]}") from err
+    return model
+
+
+def write_hf_folder(folder: str | os.PathLike, config: BertConfig, architecture: str,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """``config.json`` + ``model.safetensors`` in the Hugging Face layout.
+
+    Each file is written to a temporary name and renamed, so an interrupted save never
+    leaves a half-written file under the final name.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_dict = config.to_dict()
+    config_dict.update(architectures=[architecture], model_type="bert")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def write(name: str, save) -> None:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            save(tmp)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    write("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write("config.json", lambda p: BertConfig.from_dict(config_dict).to_json_file(p))

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from rbert.errors import ConfigError
 from rbert.models.bert import BertModel
+from rbert.models.mlm import BertForMaskedLM
 
 TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=128)
@@ -45,17 +46,40 @@ def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
 
 
 def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense",
-                 dropout: float | None = None) -> BertModel:
+                 dropout: float | None = None, pretrained: bool = True) -> BertModel:
     """A :class:`BertModel` with ``backbone``'s weights (random ones for ``tiny``).
 
-    ``dropout`` overrides the checkpoint's hidden and attention dropout rates.
+    ``dropout`` overrides the checkpoint's hidden and attention dropout rates;
+    ``pretrained=False`` takes only the checkpoint's shape and vocabulary and initialises the
+    weights at random (the from-scratch baseline of a pre-trained backbone).
     """
     overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if backbone == "tiny":
         config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG, **overrides)
         return BertModel(config, attention=attention, feed_forward=feed_forward)
     try:
+        if not pretrained:
+            config = BertConfig.from_pretrained(resolve(backbone), **overrides)
+            return BertModel(config, attention=attention, feed_forward=feed_forward)
         return BertModel.from_pretrained(resolve(backbone), attention=attention, feed_forward=feed_forward,
                                          **overrides)
     except OSError as err:  # transformers' "not found / no network" errors
         raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err
+
+
+def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | None = None,
+              attention: str = "softmax", feed_forward: str = "dense") -> BertForMaskedLM:
+    """A masked-LM BERT: from scratch with the shape ``arch`` (``BertConfig`` fields; the
+    vocabulary is ``tokenizer``'s), or, with ``init``, the weights of that checkpoint
+    (hub id or folder; a checkpoint without an MLM head gets a fresh one)."""
+    if init is not None:
+        try:
+            return BertForMaskedLM.from_pretrained(resolve(init), attention=attention, feed_forward=feed_forward)
+        except OSError as err:
+            raise ConfigError(f"model.net.init: cannot load {init!r}: {str(err).splitlines()[0]}") from err
+    fields = dict(arch or {})
+    unknown = sorted(set(fields) - set(BertConfig().to_dict()) - {"ffn_rank"})
+    if unknown:  # BertConfig would keep a misspelt field and ignore it
+        raise ConfigError(f"arch: unknown BertConfig field(s) {unknown}")
+    config = BertConfig(vocab_size=len(load_tokenizer(tokenizer)), **fields)
+    return BertForMaskedLM(config, attention=attention, feed_forward=feed_forward)

@@ -1,7 +1,9 @@
 """LightningModules ("systems"): training objectives on top of the plain models."""
 
-from rbert.systems.base import TaskSystem
+from rbert.systems.base import BaseSystem, TaskSystem
 from rbert.systems.classifier import SequenceClassifier
+from rbert.systems.mlm import MaskedLM
 from rbert.systems.multi_exit import PABEE, DeeBERT, MultiExitSystem, RomeBERT
 
-__all__ = ["PABEE", "DeeBERT", "MultiExitSystem", "RomeBERT", "SequenceClassifier", "TaskSystem"]
+__all__ = ["PABEE", "BaseSystem", "DeeBERT", "MaskedLM", "MultiExitSystem", "RomeBERT", "SequenceClassifier",
+           "TaskSystem"]

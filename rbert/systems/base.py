@@ -1,18 +1,26 @@
-"""What every fine-tuning objective shares: loss, optimiser, schedule, per-exit metrics.
+"""What every training system shares, and what every fine-tuning objective shares.
 
-A system's ``forward(batch)`` returns one logits tensor per exit, the final exit last; a
-plain classifier has one exit. Metrics are logged as ``{prefix}/{metric}`` for the final
-exit and ``{prefix}/exit_{i}/{metric}`` for every exit (1-based layer numbers) when there
-are several, where ``prefix`` is ``val``, ``val_mm``, ``test``, ...
+:class:`BaseSystem` holds what any objective needs, task or no task: optimiser parameter
+groups, the warm-up + linear-decay schedule, the stage protocol (objectives trained in
+several stages, each its own ``Trainer.fit``), the metric that picks the best checkpoint
+(with its direction), the wall-clock training time, and what every checkpoint records.
+
+:class:`TaskSystem` adds a task: loss, per-exit metrics. Its ``forward(batch)`` returns one
+logits tensor per exit, the final exit last; a plain classifier has one exit. Metrics are
+logged as ``{prefix}/{metric}`` for the final exit and ``{prefix}/exit_{i}/{metric}`` for
+every exit (1-based layer numbers) when there are several, where ``prefix`` is ``val``,
+``val_mm``, ``test``, ...
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
@@ -22,23 +30,116 @@ from rbert.metrics import build_metrics, predictions
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
 
 
-class TaskSystem(pl.LightningModule):
-    """Base LightningModule for a task.
+class BaseSystem(pl.LightningModule):
+    """Base LightningModule of every objective.
 
     Args:
-        task: the task (loss type, metrics).
         optimizer: a partial optimiser (``torch.optim.AdamW`` with lr, weight_decay...);
             biases and LayerNorm weights get no weight decay.
         warmup_ratio: linear warm-up over this fraction of the training steps, then linear decay to 0.
+    """
+
+    # Objectives trained in several stages (DeeBERT; CoRe's two phases) set one of these to
+    # one epoch (or step) count per stage; the training pipeline then runs one fit per stage.
+    stage_epochs: list[int] | None = None
+    stage_steps: list[int] | None = None
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        # Filled by the pipeline: the composed config, stored in every checkpoint so it can be rebuilt.
+        self.run_config: dict | None = None
+        self.stage = 0
+        # Seconds spent training (validation excluded), carried across resumes: loss-vs-time curves.
+        self.train_seconds = 0.0
+        self._clock: float | None = None
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_epochs or self.stage_steps or [None])
+
+    def stage_overrides(self, stage: int) -> dict:
+        """Trainer settings of one stage (its length) when there are several."""
+        if self.stage_epochs:
+            return {"max_epochs": self.stage_epochs[stage]}
+        if self.stage_steps:
+            return {"max_steps": self.stage_steps[stage], "max_epochs": -1}
+        return {}
+
+    def set_stage(self, stage: int) -> None:
+        self.stage = stage
+
+    def monitor(self) -> tuple[str, str] | None:
+        """(metric, ``min`` or ``max``) that picks the best checkpoint in the current stage (None: keep the last)."""
+        return None
+
+    # ------------------------------------------------------------------ training clock
+    def on_train_start(self) -> None:
+        self._clock = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self.train_seconds += time.perf_counter() - self._clock
+            self._clock = None
+
+    def on_validation_start(self) -> None:
+        self._stop_clock()
+
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+
+    def on_validation_end(self) -> None:
+        if self._fitting() and not self.trainer.sanity_checking:
+            self._clock = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._stop_clock()
+
+    def on_validation_epoch_end(self) -> None:
+        # Beside every validation: training time so far, for loss-vs-time curves.
+        if self._fitting():
+            self.log("time/train_seconds", self.train_seconds)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if name.endswith(NO_DECAY) else decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["rbert_config"] = self.run_config
+        checkpoint["rbert_stage"] = self.stage
+        checkpoint["rbert_train_seconds"] = self.train_seconds + (
+            time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the optimiser is rebuilt and restored: it must be the stage's optimiser.
+        self.set_stage(checkpoint.get("rbert_stage", 0))
+        self.train_seconds = float(checkpoint.get("rbert_train_seconds", 0.0))
+
+
+class TaskSystem(BaseSystem):
+    """Base LightningModule of a fine-tuning objective on a task.
+
+    Args:
+        task: the task (loss type, metrics).
+        optimizer, warmup_ratio: see :class:`BaseSystem`.
         exit_layers: the layer number of each exit, in order (``[L]`` for a single exit).
     """
 
     def __init__(self, task: TaskSpec, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float,
                  exit_layers: Sequence[int]):
-        super().__init__()
+        super().__init__(optimizer, warmup_ratio)
         self.task = task
-        self.optimizer_factory = optimizer
-        self.warmup_ratio = warmup_ratio
         self.exit_layers = list(exit_layers)
         self.metrics = nn.ModuleDict()
         multi = len(self.exit_layers) > 1
@@ -50,21 +151,9 @@ class TaskSystem(pl.LightningModule):
                     names["final"] = f"{prefix}/"
                 for key, name in names.items():
                     self.metrics[self._metric_key(prefix, key)] = build_metrics(task, name)
-        # Filled by run.py: the composed config, stored in every checkpoint so it can be rebuilt.
-        self.run_config: dict | None = None
-        self.stage = 0
 
-    # ------------------------------------------------------------------ stages
-    # Objectives trained in several stages (DeeBERT; CoRe's two phases) set ``stage_epochs``
-    # to one epoch count per stage; run.py then runs one Trainer.fit per stage.
-    stage_epochs: list[int] | None = None
-
-    def set_stage(self, stage: int) -> None:
-        self.stage = stage
-
-    def monitor(self) -> str | None:
-        """The metric that picks the best checkpoint in the current stage (None: keep the last)."""
-        return self.task.monitor_key
+    def monitor(self) -> tuple[str, str] | None:
+        return self.task.monitor_key, "max"  # every task metric improves upwards
 
     def trained_exit_layers(self) -> list[int]:
         """The exits the objective has trained so far (stored in checkpoints: early exit uses only these)."""
@@ -118,18 +207,6 @@ class TaskSystem(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)
 
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if name.endswith(NO_DECAY) else decay).append(param)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["rbert_config"] = self.run_config
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rbert_trained_exits"] = self.trained_exit_layers()
-

@@ -73,7 +73,7 @@ class DeeBERT(MultiExitSystem):
             for p in head.parameters():
                 p.requires_grad_(stage == 1)
 
-    def monitor(self) -> str | None:
+    def monitor(self) -> tuple[str, str] | None:
         # Stage 2 cannot change the final exit, which the task's metric watches: keep the last weights.
         return super().monitor() if self.stage == 0 else None
 
@@ -86,14 +86,6 @@ class DeeBERT(MultiExitSystem):
         if self.stage == 0:
             return self.loss(logits[-1], labels), {}
         return torch.stack([self.loss(z, labels) for z in logits[:-1]]).sum(), {}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["rbert_stage"] = self.stage
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Before the optimiser is rebuilt and restored: it must be the stage's optimiser.
-        self.set_stage(checkpoint.get("rbert_stage", 0))
 
 
 class RomeBERT(MultiExitSystem):
@@ -188,6 +180,11 @@ class RomeBERT(MultiExitSystem):
         if scaler is not None:  # .grad was unscaled already; g_A not yet
             g_a = g_a / scaler.get_scale()
         g_a = self.trainer.strategy.reduce(g_a, reduce_op="mean")  # .grad is a DDP mean as well
+        if not torch.isfinite(g_a).all():
+            # The separate anchor pass overflowed (fp16) where the total may not have: leave
+            # .grad as it is (the scaler skips the step if the total is not finite either).
+            self.log_dict({"train/gr_skipped": 1.0})
+            return
         total = torch.cat([p.grad.float().flatten() for p in self.gr_params])
         stats = project_conflict(g_a, total - g_a)
         new = g_a + stats.pop("g_m")

@@ -1,0 +1,50 @@
+"""Fitting a system, stage by stage: what ``mode=train`` and ``mode=pretrain`` share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.trainer.states import TrainerStatus
+
+from rbert.build import build_datamodule, build_system, instantiate_all, make_trainer, stored_stage
+
+
+def setup_run(cfg: DictConfig, task=None) -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
+    """Seeded system, datamodule and loggers of a run; the system carries the resolved config."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg, task)
+    system = build_system(cfg, task)
+    system.run_config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = instantiate_all(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(system.run_config)
+    return system, datamodule, loggers
+
+
+def fit(cfg: DictConfig, system, datamodule, loggers: list, ckpt_path: str | None) -> tuple[pl.Trainer, list]:
+    """One ``Trainer.fit`` per stage; a resumed run goes on in the stage its checkpoint was
+    saved in, and each later stage starts from the weights the previous one ended with.
+    Returns the last stage's trainer and checkpoint callbacks."""
+    first = stored_stage(ckpt_path) if ckpt_path else 0
+    resume = ckpt_path
+    trainer, checkpoints = None, []
+    for stage in range(first, system.num_stages):
+        trainer, checkpoints = make_trainer(cfg, system, loggers, stage)
+        trainer.fit(system, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        if resume is not None and hasattr(datamodule, "forget_position"):
+            datamodule.forget_position()  # the next stage starts its data from the beginning
+        resume = None
+        # last.ckpt holds the final weights too: Lightning writes it only at its save triggers
+        # (validations, every N steps), and a step budget can end between two.
+        keepers = [c for c in checkpoints if c.save_last]
+        saved_now = any(getattr(c, "_last_global_step_saved", -1) == trainer.global_step for c in keepers)
+        if keepers and trainer.state.status == TrainerStatus.FINISHED and not saved_now:
+            trainer.save_checkpoint(Path(keepers[0].dirpath) / "last.ckpt")
+    return trainer, checkpoints
+
+
+def best_checkpoint(checkpoints: list) -> pl.callbacks.ModelCheckpoint | None:
+    """The callback that keeps the best checkpoint: the one that watches a metric, else one that keeps files."""
+    return next((c for c in checkpoints if c.monitor), None) or next((c for c in checkpoints if c.save_top_k), None)

@@ -1,0 +1,70 @@
+"""``mode=pretrain`` (``python run.py --config-name pretrain``): masked-LM pre-training.
+
+Fits the system (every stage), validates the final weights on every evaluation set, writes
+them as a Hugging Face folder (model + tokenizer) that fine-tunes directly
+(``python run.py task=sst2 backbone=<run>/hf``), and reports loss, perplexity and
+masked-token accuracy per set in a table and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rbert.build import check_checkpoint, model_choice
+from rbert.errors import ConfigError
+from rbert.fit import best_checkpoint, fit, setup_run
+from rbert.report import format_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: DictConfig, system, datamodule) -> None:
+    """Settings that would otherwise fail only after (or well into) training."""
+    max_positions = system.net.config.max_position_embeddings
+    if datamodule.max_seq_len > max_positions:
+        raise ConfigError(f"data.max_seq_len={datamodule.max_seq_len} exceeds the model's max_position_embeddings="
+                          f"{max_positions} (arch)")
+    if len(datamodule.tokenizer) > system.net.config.vocab_size:
+        raise ConfigError(f"tokenizer: {len(datamodule.tokenizer)} tokens, but the model's vocabulary has "
+                          f"{system.net.config.vocab_size}")
+    if cfg.get("export_dir"):
+        try:
+            system.net.bert.check_standard()
+        except ValueError as err:
+            raise ConfigError(f"export_dir: {err}; set export_dir=null") from err
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    ckpt_path = check_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    system, datamodule, loggers = setup_run(cfg)
+    check(cfg, system, datamodule)
+    trainer, checkpoints = fit(cfg, system, datamodule, loggers, ckpt_path)
+    if system.validated_at != trainer.global_step:  # the final weights, unless just validated
+        trainer.validate(system, datamodule=datamodule, verbose=False)
+    results = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.split("/")[0] in datamodule.eval_splits}
+    if not trainer.is_global_zero:
+        return results
+    out = Path(cfg.paths.output_dir)
+    export = Path(cfg.export_dir) if cfg.get("export_dir") else None
+    if export is not None:
+        system.net.save_pretrained(export)
+        datamodule.tokenizer.save_pretrained(export)
+        log.info("Hugging Face model + tokenizer written to %s", export)
+    rows = [{"set": prefix, **{k.split("/")[1]: v for k, v in results.items() if k.startswith(f"{prefix}/")}}
+            for prefix in datamodule.eval_splits]
+    arch = HydraConfig.get().runtime.choices.get("arch") if HydraConfig.initialized() else None
+    print(f"\npretrain model={model_choice(cfg)} arch={arch} steps={trainer.global_step} "
+          f"train time={system.train_seconds:.0f} s seed={cfg.seed}\n{format_table(rows)}\n")
+    best = best_checkpoint(checkpoints)
+    summary = {"final": results, "steps": trainer.global_step, "train_seconds": system.train_seconds,
+               "seed": cfg.seed, "export": str(export) if export else None,
+               "checkpoint": best.best_model_path if best else None}
+    if best is not None and best.best_model_score is not None:
+        summary["best_val"] = {best.monitor: float(best.best_model_score)}
+    write_json(out / "results.json", summary)
+    return results
