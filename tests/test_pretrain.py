@@ -243,3 +243,15 @@ def test_real_text_packs_and_masks(tmp_path):
     assert len(dm.splits["train"]) > 500 and len(dm.splits["val"]) > 1500
     batch = next(iter(dm.val_dataloader()[0]))
     assert 0.13 < (batch["labels"] != IGNORE_INDEX).float().mean() < 0.17
+
+
+def test_stages_can_be_counted_in_steps():
+    from rbert.systems import MaskedLM
+
+    class TwoPhases(MaskedLM):
+        stage_steps = [30, 20]
+
+    system = TwoPhases(tiny_mlm(), torch.optim.AdamW)
+    assert system.num_stages == 2
+    assert system.stage_overrides(1) == {"max_steps": 20, "max_epochs": -1}
+    assert system.monitor() == ("val/loss", "min")

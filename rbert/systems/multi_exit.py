@@ -53,7 +53,7 @@ class DeeBERT(MultiExitSystem):
     2. internal exits only, on the sum of their losses; the backbone and the final exit
        are frozen (no gradient, not in the optimiser), so they come out bit-for-bit unchanged.
 
-    Each stage is its own ``Trainer.fit`` (see :func:`rbert.train.run`), with a fresh
+    Each stage is its own ``Trainer.fit`` (see :func:`rbert.fit.fit`), with a fresh
     optimiser and schedule, as in the reference code.
     """
 
