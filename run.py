@@ -2,7 +2,8 @@
 
 ``python run.py task=sst2 model=bert`` fine-tunes, validates and tests (``conf/config.yaml``);
 ``python run.py --config-name pretrain`` pre-trains a masked-LM BERT (``conf/pretrain.yaml``).
-``mode=eval`` / ``mode=predict`` evaluate or apply a fine-tuned checkpoint. Every option is a
+``mode=eval`` / ``mode=predict`` evaluate or apply a fine-tuned checkpoint; ``mode=export``
+writes a pre-training checkpoint as a Hugging Face folder. Every option is a
 Hydra config group under ``conf/``; see README.md.
 """
 
@@ -16,8 +17,9 @@ from omegaconf import DictConfig
 log = logging.getLogger("rbert")
 
 # mode -> module whose run(cfg) carries it out (imported late so that --help and config errors are fast).
-MODES = {"train": "rbert.train", "pretrain": "rbert.pretrain", "eval": "rbert.inference.evaluate",
-         "predict": "rbert.inference.predict"}
+MODES = {"train": "rbert.train", "pretrain": "rbert.pretrain", "export": "rbert.export",
+         "eval": "rbert.inference.evaluate", "predict": "rbert.inference.predict"}
+TASK_FREE = ("pretrain", "export")  # the modes of conf/pretrain.yaml
 
 
 def config_error(err: BaseException):
@@ -38,9 +40,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.mode not in MODES:
             raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-        if (cfg.mode == "pretrain") != (cfg.get("task") is None):
+        if (cfg.mode in TASK_FREE) != (cfg.get("task") is None):
             raise ConfigError(f"mode={cfg.mode} needs "
-                              + ("--config-name pretrain" if cfg.mode == "pretrain" else "the default config "
+                              + ("--config-name pretrain" if cfg.mode in TASK_FREE else "the default config "
                                  "(no --config-name pretrain): it works on a task"))
         results = importlib.import_module(MODES[cfg.mode]).run(cfg)
     except Exception as err:

@@ -43,7 +43,18 @@ def build_task(cfg: DictConfig):
     return hydra.utils.instantiate(cfg.task) if cfg.get("task") is not None else None
 
 
+def check_optimisation(cfg: DictConfig) -> None:
+    """Ranges of the settings every system shares (the rest are checked where they are used)."""
+    lr = OmegaConf.select(cfg, "model.optimizer.lr")
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"model.optimizer.lr must be > 0, got {lr}")
+    warmup = OmegaConf.select(cfg, "model.warmup_ratio")
+    if warmup is not None and not 0 <= float(warmup) < 1:
+        raise ConfigError(f"model.warmup_ratio must lie in [0, 1), got {warmup}")
+
+
 def build_system(cfg: DictConfig, task=None) -> pl.LightningModule:
+    check_optimisation(cfg)
     # Partial, then called: Hydra would turn the TaskSpec object into a config node.
     if task is None:
         return hydra.utils.instantiate(cfg.model)
@@ -173,9 +184,30 @@ def load_system(ckpt_path: str) -> tuple[pl.LightningModule, DictConfig, dict]:
     return system.eval(), train_cfg, ckpt
 
 
-def stored_stage(ckpt_path: str) -> int:
+def stored_stage(system: pl.LightningModule, ckpt_path: str) -> int:
     """The training stage a checkpoint was saved in (multi-stage objectives resume there).
 
-    Reading it also vets the file (tensors and plain values only) before Lightning opens it.
+    Before Lightning opens the file, this vets it (tensors and plain values only) and checks,
+    in that stage, that its weights fit the system this run built: a checkpoint of another
+    model or another backbone size is refused in one line instead of a shape traceback.
     """
-    return int(read_checkpoint(ckpt_path).get("rbert_stage", 0))
+    ckpt = read_checkpoint(ckpt_path)
+    stage = int(ckpt.get("rbert_stage", 0))
+    system.set_stage(stage)
+    own = {k: tuple(v.shape) for k, v in system.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items()}
+    missing, unexpected = sorted(own.keys() - stored.keys()), sorted(stored.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & stored.keys() if own[k] != stored[k])
+    if missing or unexpected or reshaped:
+        if reshaped:
+            diff = f"{reshaped[0]} is {list(stored[reshaped[0]])} there, {list(own[reshaped[0]])} here"
+        else:
+            diff = f"{(missing or unexpected)[0]} is {'missing there' if missing else 'not in this model'}"
+        cfg = ckpt.get("rbert_config") or {}
+        arch = cfg.get("arch") or {}
+        made = ", ".join(f"{k}={v}" for k, v in (
+            ("model", (cfg.get("model") or {}).get("_target_")), ("backbone", cfg.get("backbone")),
+            ("arch", arch and f"{arch.get('num_hidden_layers')} layers x {arch.get('hidden_size')}")) if v)
+        raise ConfigError(f"ckpt_path: {ckpt_path} does not fit this run's model ({diff}; it was trained with "
+                          f"{made or 'another config'})")
+    return stage

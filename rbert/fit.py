@@ -27,13 +27,15 @@ def fit(cfg: DictConfig, system, datamodule, loggers: list, ckpt_path: str | Non
     """One ``Trainer.fit`` per stage; a resumed run goes on in the stage its checkpoint was
     saved in, and each later stage starts from the weights the previous one ended with.
     Returns the last stage's trainer and checkpoint callbacks."""
-    first = stored_stage(ckpt_path) if ckpt_path else 0
+    first = stored_stage(system, ckpt_path) if ckpt_path else 0
     resume = ckpt_path
     trainer, checkpoints = None, []
     for stage in range(first, system.num_stages):
         trainer, checkpoints = make_trainer(cfg, system, loggers, stage)
         trainer.fit(system, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        if resume is not None and hasattr(datamodule, "forget_position"):
+        if system.continue_data and hasattr(datamodule, "continue_from"):
+            datamodule.continue_from(trainer)  # the next stage goes on with the data where this one stopped
+        elif resume is not None and hasattr(datamodule, "forget_position"):
             datamodule.forget_position()  # the next stage starts its data from the beginning
         resume = None
         # last.ckpt holds the final weights too: Lightning writes it only at its save triggers

@@ -33,7 +33,7 @@ def check(cfg: DictConfig, system, datamodule) -> None:
                           f"{system.net.config.vocab_size}")
     if cfg.get("export_dir"):
         try:
-            system.net.bert.check_standard()
+            system.check_exportable()
         except ValueError as err:
             raise ConfigError(f"export_dir: {err}; set export_dir=null") from err
 
@@ -43,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     system, datamodule, loggers = setup_run(cfg)
     check(cfg, system, datamodule)
     trainer, checkpoints = fit(cfg, system, datamodule, loggers, ckpt_path)
+    steps = system.steps_before_stage() + trainer.global_step  # over all stages
     if system.validated_at != trainer.global_step:  # the final weights, unless just validated
         trainer.validate(system, datamodule=datamodule, verbose=False)
     results = {k: float(v) for k, v in trainer.callback_metrics.items()
@@ -52,16 +53,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     export = Path(cfg.export_dir) if cfg.get("export_dir") else None
     if export is not None:
-        system.net.save_pretrained(export)
+        system.export_net().save_pretrained(export)
         datamodule.tokenizer.save_pretrained(export)
         log.info("Hugging Face model + tokenizer written to %s", export)
     rows = [{"set": prefix, **{k.split("/")[1]: v for k, v in results.items() if k.startswith(f"{prefix}/")}}
             for prefix in datamodule.eval_splits]
     arch = HydraConfig.get().runtime.choices.get("arch") if HydraConfig.initialized() else None
-    print(f"\npretrain model={model_choice(cfg)} arch={arch} steps={trainer.global_step} "
+    print(f"\npretrain model={model_choice(cfg)} arch={arch} steps={steps} "
           f"train time={system.train_seconds:.0f} s seed={cfg.seed}\n{format_table(rows)}\n")
     best = best_checkpoint(checkpoints)
-    summary = {"final": results, "steps": trainer.global_step, "train_seconds": system.train_seconds,
+    summary = {"final": results, "steps": steps, "train_seconds": system.train_seconds,
                "seed": cfg.seed, "export": str(export) if export else None,
                "checkpoint": best.best_model_path if best else None}
     if best is not None and best.best_model_score is not None:

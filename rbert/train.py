@@ -25,7 +25,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # Test the (last stage's) best checkpoint when there is one, else the weights in hand.
         ckpt_path = (best.best_model_path or None) if best else None
     else:
-        first = stored_stage(ckpt_path) if ckpt_path else 0  # also refuses a checkpoint that holds code
+        first = stored_stage(system, ckpt_path) if ckpt_path else 0  # also refuses a misfit or code
         trainer, checkpoints = make_trainer(cfg, system, loggers, first)
         best = best_checkpoint(checkpoints)
     results: dict[str, float] = {}

@@ -23,8 +23,8 @@ OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / gro
            if not yaml.stem.startswith("_")]
 # The primary config each option belongs to: conf/config.yaml (fine-tuning on a task, eval,
 # predict) or conf/pretrain.yaml (masked-LM pre-training). Options of other groups go with both.
-PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("experiment", "pretrain_small")} | {
-    ("arch", o) for g, o in OPTIONS if g == "arch"}
+PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("model", "core"), ("experiment", "pretrain_small"),
+            ("experiment", "core_small")} | {("arch", o) for g, o in OPTIONS if g == "arch"}
 TASK_ONLY_GROUPS = {"task", "exit_policy", "budget"}
 
 

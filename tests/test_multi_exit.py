@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from rbert.errors import ConfigError
 from rbert.models import MultiExitBert, load_encoder
 from rbert.systems import PABEE, DeeBERT, RomeBERT
 from rbert.systems.multi_exit import project_conflict
@@ -53,7 +54,7 @@ def test_exit_styles_and_layers():
     assert subset.exit_layers == [2, 4]  # the last layer always has an exit
     logits = subset(**{k: v for k, v in make_batch().items() if k != "labels"})
     assert [z.shape for z in logits] == [(8, 2), (8, 2)]
-    with pytest.raises(ValueError, match="exit_layers"):
+    with pytest.raises(ConfigError, match="exit_layers"):
         net(exit_layers=[0, 9])
 
 

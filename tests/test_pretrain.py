@@ -204,7 +204,8 @@ def test_resume_mid_epoch_gives_the_same_weights(text_dir, tmp_path):
               "export_dir=null", "logger=none"]
     pretrain_cli(tmp_path / "whole", text_dir, *common, *KEEP_STEPS)
     step6 = tmp_path / "whole" / "checkpoints" / "step6.ckpt"
-    assert torch.load(step6, weights_only=True)["TextDataModule"] == {"epoch": 0, "batches": 6}
+    assert torch.load(step6, weights_only=True)["TextDataModule"] == {"epoch": 0, "batches": 6, "epoch_offset": 0,
+                                                                      "carry": [-1, 0]}
     assert torch.load(tmp_path / "whole" / "checkpoints" / "step12.ckpt", weights_only=True)["epoch"] == 1
     pretrain_cli(tmp_path / "resumed", text_dir, *common, f"ckpt_path={step6}")
     whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)

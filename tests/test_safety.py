@@ -22,15 +22,16 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("how", ["test", "eval", "pretrain"])
+@pytest.mark.parametrize("how", ["test", "eval", "pretrain", "export"])
 def test_a_checkpoint_that_runs_code_is_refused(how, glue_dir, text_dir, tmp_path):
     marker = tmp_path / "payload-ran"
     ckpt = tmp_path / "crafted.ckpt"
     torch.save({"state_dict": {}, "rbert_config": {}, "epoch": Payload(marker)}, ckpt)
     args = {"test": ["train=false", f"data_dir={glue_dir}"],
             "eval": ["mode=eval", f"data_dir={glue_dir}"],
-            "pretrain": ["arch=tiny", f"data_dir={text_dir}"]}[how]
-    config = {"config": "pretrain", "backbone": False} if how == "pretrain" else {}
+            "pretrain": ["arch=tiny", f"data_dir={text_dir}"],
+            "export": ["mode=export", f"export_dir={tmp_path / 'hf'}"]}[how]
+    config = {"config": "pretrain", "backbone": False} if how in ("pretrain", "export") else {}
     proc = run_cli(tmp_path / "run", *args, f"ckpt_path={ckpt}", check=False, **config)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: ckpt_path: {ckpt} holds more than tensors and plain values; refused" in proc.stderr

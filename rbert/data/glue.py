@@ -82,6 +82,13 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
                  batch_size: int = 32, eval_batch_size: int = 128, train_limit: int | None = None,
                  num_workers: int = 0, seed: int = 0, cache_dir: str | None = None, shuffle: bool = True):
         super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, "
+                              f"{eval_batch_size}")
+        if max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8 tokens, got {max_length}")
+        if train_limit is not None and train_limit < 1:
+            raise ConfigError(f"data.train_limit must be >= 1 (or null: all rows), got {train_limit}")
         self.task = task
         self.backbone = backbone
         self.data_dir = data_dir
@@ -164,12 +171,27 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
         self.task.labels = values
         log.info("task %s: labels read from the training file: %s", self.task.name, values)
 
+    def drop_empty_texts(self, raw: datasets.Dataset, split: str, where: str) -> datasets.Dataset:
+        """Training rows with an empty (or whitespace-only) text are skipped, with a warning that
+        counts them; in an evaluation split such a row is an error (it would change the set)."""
+        empty = sorted({i for field in self.task.text_fields for i, v in enumerate(raw[field])
+                        if v is None or not str(v).strip()})
+        if not empty:
+            return raw
+        if split != "train":
+            raise ConfigError(f"{where}: row {empty[0] + 1}: empty text ({len(empty)} such row(s) in this "
+                              "evaluation file)")
+        log.warning("%s: skipped %d training row(s) with an empty text (rows %s%s)", where, len(empty),
+                    ", ".join(str(i + 1) for i in empty[:5]), ", ..." if len(empty) > 5 else "")
+        keep = sorted(set(range(len(raw))) - set(empty))
+        return raw.select(keep)
+
     def encode(self, split: str) -> datasets.Dataset:
-        raw = self.read_split(split)
+        where = self.task.splits[split] if self.data_dir else f"hub {split}"
+        raw = self.drop_empty_texts(self.read_split(split), split, where)
         if split == "train" and not self.task.is_regression and self.task.labels is None:
             self.infer_labels(raw)
-        where = self.task.splits[split] if self.data_dir else f"hub {split}"
-        encode_labels = self.label_encoder(raw, where)
+        encode_labels = self.label_encoder(raw, where)  # row numbers: after skipped empty rows
         fields, tokenizer, max_length = self.task.text_fields, self.tokenizer, self.max_length
 
         def tokenize(batch, rows):

@@ -83,11 +83,16 @@ class SoftmaxSelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         return x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
-        out = F.scaled_dot_product_attention(
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention_bias: torch.Tensor | None) -> torch.Tensor:
+        """(batch, heads, seq, head_dim) queries, keys, values -> per-head outputs, same shape."""
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_bias, dropout_p=self.dropout_p if self.training else 0.0
         )
+
+    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
+        out = self.attend(q, k, v, attention_bias)
         batch, _, seq_len, _ = out.shape
         return out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rbert.errors import ConfigError
 from rbert.models.bert import BertModel
 
 POOLINGS = ("cls", "mean")
@@ -32,7 +33,7 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, bert: BertModel, num_labels: int, pooling: str = "cls", dropout: float | None = None):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+            raise ConfigError(f"model.net.pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
         self.bert = bert
         self.pooling = pooling
         self.dropout = nn.Dropout(bert.config.hidden_dropout_prob if dropout is None else dropout)

@@ -68,10 +68,18 @@ def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = 
 
 
 def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | None = None,
-              attention: str = "softmax", feed_forward: str = "dense") -> BertForMaskedLM:
+              attention: str = "softmax", feed_forward: str = "dense",
+              ffn_rank: int | float | None = None) -> BertForMaskedLM:
     """A masked-LM BERT: from scratch with the shape ``arch`` (``BertConfig`` fields; the
     vocabulary is ``tokenizer``'s), or, with ``init``, the weights of that checkpoint
-    (hub id or folder; a checkpoint without an MLM head gets a fresh one)."""
+    (hub id or folder; a checkpoint without an MLM head gets a fresh one).
+    ``ffn_rank`` is the rank of ``feed_forward="low_rank"`` (int, or a fraction of the hidden size)."""
+    if ffn_rank is not None:
+        if feed_forward != "low_rank":
+            raise ConfigError(f"ffn_rank={ffn_rank} needs feed_forward=low_rank (it is {feed_forward})")
+        if init is not None:
+            raise ConfigError("ffn_rank: a low-rank model starts from scratch here (init must be null)")
+        arch = {**(arch or {}), "ffn_rank": ffn_rank}
     if init is not None:
         try:
             return BertForMaskedLM.from_pretrained(resolve(init), attention=attention, feed_forward=feed_forward)
@@ -82,4 +90,7 @@ def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | N
     if unknown:  # BertConfig would keep a misspelt field and ignore it
         raise ConfigError(f"arch: unknown BertConfig field(s) {unknown}")
     config = BertConfig(vocab_size=len(load_tokenizer(tokenizer)), **fields)
-    return BertForMaskedLM(config, attention=attention, feed_forward=feed_forward)
+    try:
+        return BertForMaskedLM(config, attention=attention, feed_forward=feed_forward)
+    except ValueError as err:  # shape settings that do not fit together (heads, rank, ...)
+        raise ConfigError(f"model.net: {err}") from err

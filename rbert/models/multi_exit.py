@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rbert.errors import ConfigError
 from rbert.models.bert import BertModel, BertPooler
 from rbert.models.classifier import POOLINGS, pool
 
@@ -63,13 +64,13 @@ class MultiExitBert(nn.Module):
                  style: str = "highway", pooling: str = "cls", dropout: float | None = None):
         super().__init__()
         if style not in EXIT_STYLES:
-            raise ValueError(f"unknown exit style {style!r}; choose one of {EXIT_STYLES}")
+            raise ConfigError(f"model.net.style: unknown exit style {style!r}; choose one of {EXIT_STYLES}")
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+            raise ConfigError(f"model.net.pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
         n = bert.num_layers
         layers = sorted(set(exit_layers or range(1, n + 1)) | {n})
         if layers[0] < 1 or layers[-1] > n:
-            raise ValueError(f"exit_layers must lie in 1..{n}, got {exit_layers}")
+            raise ConfigError(f"model.net.exit_layers must lie in 1..{n} (the backbone's layers), got {exit_layers}")
         self.bert = bert
         self.exit_layers = layers
         self.style = style

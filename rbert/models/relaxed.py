@@ -11,9 +11,10 @@ Importing this module registers, in :mod:`rbert.models.bert`'s registries,
   ``config.ffn_rank``, with no bias or nonlinearity between U and V; the bias (``bias``,
   as in ``nn.Linear``) and BERT's GELU stay where they are.
 
-:func:`expand_state_dict` turns a relaxed model's weights into a standard BERT's (W <- U V,
-exactly); attention needs no conversion, only the switch to softmax, which changes the
-function (CoRe phase 2 retrains from there).
+:func:`expand` (via :func:`expand_state_dict`) turns a relaxed model into a standard BERT
+(W <- U V, exactly); attention needs no conversion, only the switch to softmax, which
+changes the function (CoRe phase 2 retrains from there). ``ATTENTIONS["blend"]`` mixes the
+two kernels, for a gradual switch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
+from rbert.errors import ConfigError
 from rbert.models.bert import ATTENTIONS, FEED_FORWARDS, SoftmaxSelfAttention
 
 
@@ -38,18 +40,41 @@ class LinearSelfAttention(SoftmaxSelfAttention):
 
     eps = 1e-6
 
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention_bias: torch.Tensor | None) -> torch.Tensor:
         dtype = v.dtype  # the projections' (autocast's) dtype
-        with torch.autocast(hidden.device.type, enabled=False):
+        with torch.autocast(q.device.type, enabled=False):
             q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
             if attention_bias is not None:  # (batch, 1, 1, seq) True = attend -> (batch, 1, seq, 1)
                 k = k * attention_bias.transpose(-1, -2).to(k.dtype)
             kv = k.transpose(-1, -2) @ v                                   # (batch, heads, d, d)
             normaliser = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)  # (batch, heads, seq, 1)
             out = (q @ kv) / (normaliser + self.eps)
-        batch, _, seq_len, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim).to(dtype)
+        return out.to(dtype)
+
+
+class BlendedSelfAttention(SoftmaxSelfAttention):
+    """``(1 - mix) * linear + mix * softmax`` attention over the same projections.
+
+    CoRe's optional smooth switch: phase 2 ramps ``mix`` from 0 (the relaxed model's
+    function) to 1 (a standard BERT) instead of swapping the kernel in one step. At
+    ``mix`` 0 or 1 only one kernel runs, so after the ramp it costs what softmax costs.
+    The parameters are softmax attention's, so the model saves as a standard BERT.
+    """
+
+    eps = LinearSelfAttention.eps
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.mix = 1.0  # set by the training system at every step of the ramp
+
+    def attend(self, q, k, v, attention_bias):
+        if self.mix >= 1:
+            return super().attend(q, k, v, attention_bias)
+        linear = LinearSelfAttention.attend(self, q, k, v, attention_bias)
+        if self.mix <= 0:
+            return linear
+        return torch.lerp(linear, super().attend(q, k, v, attention_bias), self.mix)
 
 
 def ffn_rank(config: BertConfig, in_features: int, out_features: int) -> int:
@@ -58,7 +83,7 @@ def ffn_rank(config: BertConfig, in_features: int, out_features: int) -> int:
     if isinstance(rank, float) and rank <= 1:
         rank = max(1, round(rank * config.hidden_size))
     if not 1 <= int(rank) <= min(in_features, out_features):
-        raise ValueError(f"ffn_rank {rank} must lie in 1..{min(in_features, out_features)}")
+        raise ConfigError(f"model.net.ffn_rank={rank} must lie in 1..{min(in_features, out_features)}")
     return int(rank)
 
 
@@ -96,6 +121,7 @@ class LowRankLinear(nn.Module):
 
 
 ATTENTIONS["linear"] = LinearSelfAttention
+ATTENTIONS["blend"] = BlendedSelfAttention
 FEED_FORWARDS["low_rank"] = LowRankLinear
 
 
@@ -110,6 +136,24 @@ def expand_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         elif not key.endswith(".V"):
             out[key] = value
     return out
+
+
+def expand(relaxed: nn.Module, attention: str = "softmax") -> nn.Module:
+    """CoRe's expansion: the standard model (dense feed-forward, ``attention``) with a relaxed
+    model's weights (W <- U V; attention keeps its projections). Works for any rbert model
+    built as ``cls(config, attention=..., feed_forward=...)`` (``BertModel``, ``BertForMaskedLM``)."""
+    config = BertConfig.from_dict({k: v for k, v in relaxed.config.to_dict().items() if k != "ffn_rank"})
+    model = type(relaxed)(config, attention=attention, feed_forward="dense")
+    model.load_state_dict(expand_state_dict(relaxed.state_dict()))
+    first = next(relaxed.parameters())
+    return model.to(device=first.device, dtype=first.dtype).train(relaxed.training)
+
+
+def set_blend(model: nn.Module, mix: float) -> None:
+    """Set the softmax share of every :class:`BlendedSelfAttention` in ``model``."""
+    for module in model.modules():
+        if isinstance(module, BlendedSelfAttention):
+            module.mix = float(mix)
 
 
 def init_low_rank_from_dense(relaxed: nn.Module, dense_state: dict[str, torch.Tensor]) -> None:

@@ -2,8 +2,9 @@
 
 from rbert.systems.base import BaseSystem, TaskSystem
 from rbert.systems.classifier import SequenceClassifier
+from rbert.systems.core import CoRe
 from rbert.systems.mlm import MaskedLM
 from rbert.systems.multi_exit import PABEE, DeeBERT, MultiExitSystem, RomeBERT
 
-__all__ = ["PABEE", "BaseSystem", "DeeBERT", "MaskedLM", "MultiExitSystem", "RomeBERT", "SequenceClassifier",
+__all__ = ["PABEE", "BaseSystem", "CoRe", "DeeBERT", "MaskedLM", "MultiExitSystem", "RomeBERT", "SequenceClassifier",
            "TaskSystem"]

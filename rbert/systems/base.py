@@ -43,6 +43,9 @@ class BaseSystem(pl.LightningModule):
     # one epoch (or step) count per stage; the training pipeline then runs one fit per stage.
     stage_epochs: list[int] | None = None
     stage_steps: list[int] | None = None
+    # Whether a later stage goes on with the training data where the previous one stopped
+    # (CoRe: one data stream over both phases) instead of starting it afresh (DeeBERT).
+    continue_data = False
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float):
         super().__init__()
@@ -97,10 +100,16 @@ class BaseSystem(pl.LightningModule):
     def on_train_end(self) -> None:
         self._stop_clock()
 
+    def steps_before_stage(self) -> int:
+        """Optimiser steps of the earlier stages, when stages are counted in steps (each stage's
+        Trainer counts its own steps from 0)."""
+        return sum(self.stage_steps[: self.stage]) if self.stage_steps else 0
+
     def on_validation_epoch_end(self) -> None:
-        # Beside every validation: training time so far, for loss-vs-time curves.
+        # Beside every validation: training time and steps so far, for loss-vs-time curves.
         if self._fitting():
             self.log("time/train_seconds", self.train_seconds)
+            self.log("time/step", float(self.steps_before_stage() + self.global_step))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -109,9 +118,12 @@ class BaseSystem(pl.LightningModule):
             if param.requires_grad:
                 (no_decay if name.endswith(NO_DECAY) else decay).append(param)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Warm-up over ``warmup_ratio`` of this fit's optimiser steps, then linear decay to 0."""
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

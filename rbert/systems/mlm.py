@@ -31,6 +31,15 @@ class MaskedLM(BaseSystem):
     def monitor(self) -> tuple[str, str] | None:
         return "val/loss", "min"
 
+    def check_exportable(self) -> None:
+        """Raise ValueError if the trained model will have no Hugging Face format."""
+        self.net.bert.check_standard()
+
+    def export_net(self) -> BertForMaskedLM:
+        """The model as a standard BERT, to save in the Hugging Face format."""
+        self.check_exportable()
+        return self.net
+
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
                         labels=batch["labels"])

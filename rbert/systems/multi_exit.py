@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rbert.data.tasks import TaskSpec
+from rbert.errors import ConfigError
 from rbert.models.multi_exit import MultiExitBert
 from rbert.systems.base import TaskSystem
 
@@ -61,7 +62,7 @@ class DeeBERT(MultiExitSystem):
                  warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1)):
         super().__init__(task, net, optimizer, warmup_ratio)
         if len(stage_epochs) != 2:
-            raise ValueError(f"model.stage_epochs must give two epoch counts, got {stage_epochs}")
+            raise ConfigError(f"model.stage_epochs must give two epoch counts, got {stage_epochs}")
         self.stage_epochs = list(stage_epochs)
         self.set_stage(0)
 
@@ -111,9 +112,10 @@ class RomeBERT(MultiExitSystem):
         if anchor == "auto":
             anchor = "final" if task.name in ("mnli", "qqp") else "exits"
         if anchor not in ("final", "exits"):
-            raise ValueError(f"model.anchor must be final, exits or auto, got {anchor!r}")
+            raise ConfigError(f"model.anchor must be final, exits or auto, got {anchor!r}")
         if not 0.0 <= gamma <= 1.0 or temperature <= 0:
-            raise ValueError(f"model.gamma must lie in [0, 1] and model.temperature be > 0, got {gamma}, {temperature}")
+            raise ConfigError(f"model.gamma must lie in [0, 1] and model.temperature be > 0, got {gamma}, "
+                              f"{temperature}")
         self.self_distillation = self_distillation
         self.temperature = temperature
         self.gamma = gamma
