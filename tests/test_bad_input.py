@@ -49,6 +49,7 @@ FINE_TUNING = [
     (["model.gamma=2"], "model.gamma must lie in [0, 1]"),
     (["model.temperature=0"], "model.temperature be > 0"),
     (["model=deebert", "model.stage_epochs=[1]"], "model.stage_epochs must give two epoch counts"),
+    (["task.labels=[0,0]"], "task sst2: task.labels ['0', '0'] name a label twice"),
     (["mode=pretrain"], "mode=pretrain needs --config-name pretrain"),
     (["mode=nope"], "mode: unknown mode 'nope'"),
 ]
@@ -99,7 +100,7 @@ def test_pre_training_input(overrides, expected, text_dir, tmp_path, capfd, monk
     assert_one_error_line(code, err, expected)
 
 
-@pytest.mark.parametrize("case", [0, 7, 12])
+@pytest.mark.parametrize("case", [0, 7, 12])  # batch size, exit layers, DeeBERT stages
 def test_fine_tuning_input_in_a_subprocess(case, glue_dir, tmp_path):
     overrides, expected = FINE_TUNING[case]
     check(run_cli(tmp_path / "run", f"data_dir={glue_dir}", *overrides, check=False), expected)

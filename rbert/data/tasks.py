@@ -70,6 +70,8 @@ class TaskSpec:
             raise ConfigError(f"{where}: num_labels must be >= 1 (1 = regression), got {self.num_labels}")
         if self.labels is not None and len(self.labels) != self.num_labels:
             raise ConfigError(f"{where}: labels {self.labels} do not match num_labels={self.num_labels}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"{where}: task.labels {self.labels} name a label twice")
         allowed = REGRESSION_METRICS if self.is_regression else CLASSIFICATION_METRICS
         for metric in self.metrics:
             if metric not in allowed:
