@@ -14,6 +14,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import rbert.launch as launch  # the rbert.run_id resolver of conf/hydra/default.yaml
+
 log = logging.getLogger("rbert")
 
 # mode -> module whose run(cfg) carries it out (imported late so that --help and config errors are fast).
@@ -36,7 +38,11 @@ def config_error(err: BaseException):
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from rbert.errors import ConfigError
+    from rbert.progress import quiet_libraries
 
+    launch.install_ddp_child_command()
+    quiet_libraries()
+    environment = launch.ddp_environment()
     try:
         if cfg.mode not in MODES:
             raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
@@ -47,10 +53,16 @@ def main(cfg: DictConfig) -> float | None:
         results = importlib.import_module(MODES[cfg.mode]).run(cfg)
     except Exception as err:
         bad_input = config_error(err)
+        if launch.in_multirun():  # one failed job of a sweep: recorded, and the sweep goes on
+            message = f"error: {bad_input}" if bad_input else f"{type(err).__name__}: {err}"
+            launch.record_failure(cfg.paths.output_dir, err, message)
+            return None
         if bad_input is None:
             raise
         print(f"error: {bad_input}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        launch.finish(environment)
     # For Hydra sweepers that optimise a value: the one named by the config's `objective`.
     objective = cfg.get("objective")
     return results.get(objective) if objective and isinstance(results, dict) else None

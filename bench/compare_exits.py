@@ -24,13 +24,19 @@ sys.path.insert(0, str(REPO))
 from rbert.report import format_table, write_json  # noqa: E402
 
 # name (model-pooling) -> run.py overrides; romebert is SD + GR, romebert_sd is SD only.
+# romebert uses the reference's KD weight (kd_reduction=mean); romebert_bm the batchmean one
+# (C times stronger) that rbert used before.
 CONFIGS = {
     "deebert-mean": ["model=deebert"],
     "pabee-mean": ["model=pabee"],
     "romebert_sd-mean": ["model=romebert_sd"],
     "romebert-mean": ["model=romebert"],
+    "romebert_bm-mean": ["model=romebert", "model.kd_reduction=batchmean"],
     "deebert-cls": ["model=deebert", "model.net.pooling=cls"],
+    "pabee-cls": ["model=pabee", "model.net.pooling=cls"],
+    "romebert_sd-cls": ["model=romebert_sd", "model.net.pooling=cls"],
     "romebert-cls": ["model=romebert", "model.net.pooling=cls"],
+    "romebert_bm-cls": ["model=romebert", "model.kd_reduction=batchmean", "model.net.pooling=cls"],
 }
 # Ablations used to explain the main table (run with --configs); not part of the default set.
 ABLATIONS = {
@@ -44,6 +50,13 @@ ABLATIONS = {
 }
 
 
+def epochs(name: str, n: str) -> list[str]:
+    """The epoch budget: every objective's backbone trains ``n`` epochs (DeeBERT's internal exits one more)."""
+    if n == "1":
+        return []
+    return [f"model.stage_epochs=[{n},1]"] if name.startswith("deebert") else [f"trainer.max_epochs={n}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data/glue")
@@ -51,6 +64,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="minilm")
     parser.add_argument("--train-limit", default="8000")
     parser.add_argument("--lr", default="5e-5")
+    parser.add_argument("--epochs", default="1", help="trainer.max_epochs (DeeBERT: model.stage_epochs=[n,1])")
     parser.add_argument("--batch-size", default="32")
     parser.add_argument("--seeds", default="42", help="comma-separated")
     parser.add_argument("--configs", default=",".join(CONFIGS),
@@ -71,7 +85,8 @@ def main() -> None:
             cmd = [sys.executable, "run.py", f"task={args.task}", f"backbone={args.backbone}",
                    f"data_dir={args.data_dir}", f"data.train_limit={args.train_limit}", f"seed={seed}",
                    f"data.batch_size={args.batch_size}", f"model.optimizer.lr={args.lr}",
-                   f"hydra.run.dir={run_dir}", "logger=csv", *known[name]]
+                   f"hydra.run.dir={run_dir}", "logger=csv", "eval.after_train=false", *epochs(name, args.epochs),
+                   *known[name]]
             timing = REPO / run_dir / "bench_seconds.json"
             if not (args.reuse and timing.exists()):
                 print("$", " ".join(cmd[1:]), flush=True)
@@ -91,13 +106,17 @@ def main() -> None:
                        key=lambda k: int(k.split("/")[1].split("_")[1]))
         row = {"config": name, "seeds": len(mine)}
         for key in exits:
-            row[key.split("/")[1]] = 100 * statistics.mean(r["test"][key] for r in mine)
+            values = [100 * r["test"][key] for r in mine]
+            spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            row[key.split("/")[1]] = f"{statistics.mean(values):.1f}{spread}"
         row["minutes"] = statistics.mean(r["seconds"] for r in mine) / 60
         rows.append(row)
-    print(f"\n{args.task} dev {metric} (%) per exit, mean over seeds {args.seeds}; train rows {args.train_limit}")
+    print(f"\n{args.task} dev {metric} (%) per exit, mean +- std over seeds {args.seeds}; "
+          f"backbone {args.backbone}, train rows {args.train_limit}")
     print(format_table(rows, floatfmt="{:.1f}"))
     meta = {"date": date.today().isoformat(), "task": args.task, "backbone": args.backbone,
-            "train_limit": args.train_limit, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds}
+            "train_limit": args.train_limit, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds,
+            "epochs": args.epochs}
     write_json(args.out, {"meta": meta, "table": rows, "runs": runs})
 
 

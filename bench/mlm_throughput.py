@@ -42,12 +42,12 @@ def batches(text: str | None, tokenizer, n: int, batch_size: int, seq: int) -> l
     else:
         g = torch.Generator().manual_seed(0)
         blocks = torch.randint(1000, 30000, (n * batch_size, seq), generator=g).tolist()
-    collate = MaskingCollator(tokenizer, 0.15, seed=0, per_block=False)
+    collate = MaskingCollator(tokenizer, 0.15, seed=0)
     needed = n * batch_size
     blocks = (blocks * (needed // len(blocks) + 1))[:needed]
     import numpy as np
 
-    return [collate([(i * batch_size + j, np.asarray(blocks[i * batch_size + j])) for j in range(batch_size)])
+    return [collate([((0, i * batch_size + j), np.asarray(blocks[i * batch_size + j])) for j in range(batch_size)])
             for i in range(n)]
 
 

@@ -8,7 +8,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from rbert.build import build_datamodule, build_system, instantiate_all, make_trainer, stored_stage
+from rbert.build import build_datamodule, build_system, check_checkpoint, instantiate_all, make_trainer, stored_stage
+from rbert.launch import resume_path
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint a run starts from: ``ckpt_path``, or with ``ckpt_path=auto`` the run
+    folder's newest ``last.ckpt`` (none yet: a fresh start); vetted before anything is built."""
+    path = resume_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    return check_checkpoint(path) if path else None
 
 
 def setup_run(cfg: DictConfig, task=None) -> tuple[pl.LightningModule, pl.LightningDataModule, list]:

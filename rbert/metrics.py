@@ -9,16 +9,17 @@ from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, M
 from rbert.data.tasks import TaskSpec
 
 
-def build_metrics(task: TaskSpec, prefix: str = "") -> MetricCollection:
-    """The task's metrics, logged as ``{prefix}{name}``."""
+def build_metrics(task: TaskSpec, prefix: str = "", sync: bool = True) -> MetricCollection:
+    """The task's metrics, logged as ``{prefix}{name}``. ``sync=False``: computed on this process's
+    samples alone, also under DDP (one rank's own evaluation, e.g. after training)."""
     factories = {
-        "accuracy": lambda: MulticlassAccuracy(num_classes=task.num_labels, average="micro"),
+        "accuracy": lambda **kw: MulticlassAccuracy(num_classes=task.num_labels, average="micro", **kw),
         "f1": BinaryF1Score,
         "mcc": BinaryMatthewsCorrCoef,
         "pearson": PearsonCorrCoef,
         "spearman": SpearmanCorrCoef,
     }
-    return MetricCollection({name: factories[name]() for name in task.metrics}, prefix=prefix)
+    return MetricCollection({name: factories[name](sync_on_compute=sync) for name in task.metrics}, prefix=prefix)
 
 
 def predictions(logits: torch.Tensor, task: TaskSpec) -> torch.Tensor:

@@ -14,10 +14,11 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rbert.build import check_checkpoint, model_choice
+from rbert.build import model_choice
 from rbert.errors import ConfigError
-from rbert.fit import best_checkpoint, fit, setup_run
+from rbert.fit import best_checkpoint, fit, resume_checkpoint, setup_run
 from rbert.report import format_table, write_json
+from rbert.tracking import log_curve, log_summary
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def check(cfg: DictConfig, system, datamodule) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = check_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    ckpt_path = resume_checkpoint(cfg)
     system, datamodule, loggers = setup_run(cfg)
     check(cfg, system, datamodule)
     trainer, checkpoints = fit(cfg, system, datamodule, loggers, ckpt_path)
@@ -64,8 +65,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     best = best_checkpoint(checkpoints)
     summary = {"final": results, "steps": steps, "train_seconds": system.train_seconds,
                "seed": cfg.seed, "export": str(export) if export else None,
-               "checkpoint": best.best_model_path if best else None}
+               "checkpoint": best.best_model_path if best else None,
+               "objective": {cfg.objective: results.get(cfg.objective)}}
     if best is not None and best.best_model_score is not None:
         summary["best_val"] = {best.monitor: float(best.best_model_score)}
     write_json(out / "results.json", summary)
+    log_curve(loggers, "curves/val_loss_vs_time", system.history, "train_minutes", "val/loss",
+              "validation MLM loss vs training time")
+    log_summary(loggers, {**results, "steps": steps, "train_seconds": system.train_seconds})
     return results

@@ -1,38 +1,22 @@
 """Every bad input rbert can attribute to the user: one ``error:`` line naming the option, file
 or row at fault, exit status 2, no traceback.
 
-Table-driven, one case a row. The option tables call ``run.py``'s ``main`` in this process
+Table-driven, one case a row. Like every run.py test, the rows call ``run.py``'s ``main`` in this process
 (a subprocess per row would spend most of the suite's time importing torch); a sample of
-rows, and the row and checkpoint cases, run ``run.py`` in a subprocess, as a user meets them.
+rows also runs ``run.py`` in a subprocess, as a user meets them.
 (Checkpoint payloads and foreign targets: test_safety.py; missing files and folders:
 test_run.py.)"""
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.glue_files import write_task
 from tests.test_pretrain import pretrain_cli
-from tests.test_run import REPO, run_cli
-
-
-def run_in_process(capfd, monkeypatch, *argv: str) -> tuple[int, str]:
-    """``python run.py *argv`` in this process: (exit status, stderr)."""
-    import run
-
-    monkeypatch.setattr(sys, "argv", ["run.py", "--config-path", str(REPO / "conf"), *argv])
-    capfd.readouterr()
-    try:
-        run.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capfd.readouterr().err
-
+from tests.test_run import run_cli
 
 # (overrides, the text the error line must contain); the fine-tuning config, tiny backbone, glue_dir.
 FINE_TUNING = [
@@ -87,29 +71,25 @@ def check(proc, expected: str) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "expected"), FINE_TUNING, ids=[" ".join(o) for o, _ in FINE_TUNING])
-def test_fine_tuning_input(overrides, expected, glue_dir, tmp_path, capfd, monkeypatch):
-    code, err = run_in_process(capfd, monkeypatch, "backbone=tiny", f"hydra.run.dir={tmp_path / 'run'}",
-                               f"data_dir={glue_dir}", *overrides)
-    assert_one_error_line(code, err, expected)
-
-
-@pytest.mark.parametrize(("overrides", "expected"), PRE_TRAINING, ids=[" ".join(o) for o, _ in PRE_TRAINING])
-def test_pre_training_input(overrides, expected, text_dir, tmp_path, capfd, monkeypatch):
-    code, err = run_in_process(capfd, monkeypatch, "--config-name", "pretrain", "arch=tiny",
-                               f"hydra.run.dir={tmp_path / 'run'}", f"data_dir={text_dir}", *overrides)
-    assert_one_error_line(code, err, expected)
-
-
-@pytest.mark.parametrize("case", [0, 7, 12])  # batch size, exit layers, DeeBERT stages
-def test_fine_tuning_input_in_a_subprocess(case, glue_dir, tmp_path):
-    overrides, expected = FINE_TUNING[case]
+def test_fine_tuning_input(overrides, expected, glue_dir, tmp_path):
     check(run_cli(tmp_path / "run", f"data_dir={glue_dir}", *overrides, check=False), expected)
 
 
-@pytest.mark.parametrize("case", [1, 8])
+@pytest.mark.parametrize(("overrides", "expected"), PRE_TRAINING, ids=[" ".join(o) for o, _ in PRE_TRAINING])
+def test_pre_training_input(overrides, expected, text_dir, tmp_path):
+    check(pretrain_cli(tmp_path / "run", text_dir, *overrides, check=False), expected)
+
+
+@pytest.mark.parametrize("case", [7])  # exit layers
+def test_fine_tuning_input_in_a_subprocess(case, glue_dir, tmp_path):
+    overrides, expected = FINE_TUNING[case]
+    check(run_cli(tmp_path / "run", f"data_dir={glue_dir}", *overrides, check=False, isolated=True), expected)
+
+
+@pytest.mark.parametrize("case", [1])  # a setting checked against the model
 def test_pre_training_input_in_a_subprocess(case, text_dir, tmp_path):
     overrides, expected = PRE_TRAINING[case]
-    check(pretrain_cli(tmp_path / "run", text_dir, *overrides, check=False), expected)
+    check(pretrain_cli(tmp_path / "run", text_dir, *overrides, check=False, isolated=True), expected)
 
 
 # ---------------------------------------------------------------------------- rows

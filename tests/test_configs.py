@@ -25,7 +25,7 @@ OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / gro
 # predict) or conf/pretrain.yaml (masked-LM pre-training). Options of other groups go with both.
 PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("model", "core"), ("experiment", "pretrain_small"),
             ("experiment", "core_small")} | {("arch", o) for g, o in OPTIONS if g == "arch"}
-TASK_ONLY_GROUPS = {"task", "exit_policy", "budget"}
+TASK_ONLY_GROUPS = {"task", "exit_policy", "budget", "eval", "hparams_search"}
 
 
 def primaries(group: str, option: str) -> list[str]:

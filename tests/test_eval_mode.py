@@ -16,16 +16,19 @@ from tests.test_run import run_cli
 def romebert_ckpt(glue_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("romebert")
     run_cli(run_dir, "model=romebert", f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null",
-            "trainer.max_epochs=4", "model.optimizer.lr=2e-3", "logger=none", "test=false")
+            "trainer.max_epochs=4", "model.optimizer.lr=2e-3", "logger=none", "test=false", "eval.after_train=false")
     return run_dir / "checkpoints" / "best.ckpt"
 
 
 @pytest.mark.parametrize("policy", ["entropy", "confidence", "patience", "fixed"])
 def test_eval_sweeps_and_writes_table_csv_json_png(policy, romebert_ckpt, glue_dir, tmp_path):
     proc = run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", f"exit_policy={policy}",
-                   f"data_dir={glue_dir}", "eval.timing_samples=8")
+                   f"data_dir={glue_dir}", "eval.timing_samples=8", "eval.timing_batches=1", "eval.batch_size=8")
     assert "forced exits" in proc.stdout and "measured_speedup_bs1" in proc.stdout
     summary = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # Timing runs on bounded samples: 8 sentences at bs=1 and 1 batch of 8 (of 32 dev rows).
+    assert (summary["timing_samples"], summary["timing_batches"], summary["batch_size"]) == (8, 1, 8)
+    assert "sweep points: " in proc.stdout + proc.stderr  # the timing loop's progress line (no terminal here)
     assert [row["exit"] for row in summary["forced"]] == ["exit 1", "exit 2", "exit 3", "exit 4"]
     rows = summary["sweep"]
     assert len(rows) >= 4

@@ -59,8 +59,8 @@ def test_masking_statistics(tokenizer):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (256, 128), generator=g)
     ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
-    items = [(i, row.numpy()) for i, row in enumerate(ids)]
-    batch = MaskingCollator(tokenizer, 0.15, seed=1, per_block=False)(items)
+    items = [((0, i), row.numpy()) for i, row in enumerate(ids)]
+    batch = MaskingCollator(tokenizer, 0.15, seed=1)(items)
     selected = batch["labels"] != IGNORE_INDEX
     assert not selected[:, [0, -1]].any()  # special tokens are never selected
     assert torch.equal(batch["labels"][selected], ids[selected])
@@ -76,18 +76,21 @@ def test_masking_statistics(tokenizer):
 
 
 def test_training_masks_are_fresh_and_validation_masks_fixed(tokenizer):
-    rows = [(i, torch.randint(1000, 30000, (32,)).numpy()) for i in range(8)]
-    train = MaskingCollator(tokenizer, 0.15, seed=1, per_block=False)
-    a, again = train(rows[:4]), train(rows[:4])
+    rows = [torch.randint(1000, 30000, (32,)).numpy() for _ in range(8)]
+    train = MaskingCollator(tokenizer, 0.15, seed=1)
+    epoch0 = [((0, i), row) for i, row in enumerate(rows)]
+    a, again = train(epoch0[:4]), train(epoch0[:4])
     assert torch.equal(a["labels"], again["labels"])  # a function of the data: resumes mask alike
-    other = train(rows[4:])  # another batch, another draw (the same rows in two batches mask differently)
-    swapped = train(rows[:4][::-1])
-    assert not torch.equal(swapped["labels"].flip(0) != IGNORE_INDEX, a["labels"] != IGNORE_INDEX)
-    assert not torch.equal(other["labels"] != IGNORE_INDEX, a["labels"] != IGNORE_INDEX)
-    fixed = MaskingCollator(tokenizer, 0.15, seed=0, per_block=True)
-    whole, halves = fixed(rows), [fixed(rows[:3]), fixed(rows[3:])]
-    # Per block: the same masks whatever the batch size.
+    # A block masks the same in any batch (another batch size, another DDP rank's share)...
+    whole, halves = train(epoch0), [train(epoch0[:3]), train(epoch0[3:])]
     assert torch.equal(whole["labels"], torch.cat([h["labels"] for h in halves]))
+    assert torch.equal(train(epoch0[:4][::-1])["labels"].flip(0), a["labels"])
+    # ... and afresh in the next epoch.
+    epoch1 = train([((1, i), row) for i, row in enumerate(rows[:4])])
+    assert not torch.equal(epoch1["labels"] != IGNORE_INDEX, a["labels"] != IGNORE_INDEX)
+    fixed = MaskingCollator(tokenizer, 0.15, seed=0)
+    val = [((i,), row) for i, row in enumerate(rows)]
+    assert torch.equal(fixed(val)["labels"], torch.cat([fixed(val[:3])["labels"], fixed(val[3:])["labels"]]))
 
 
 def test_resumable_sampler_skips_consumed_batches():
@@ -157,9 +160,10 @@ def test_masked_only_decoding_equals_full_decoding():
 
 
 # ---------------------------------------------------------------------------- run.py
-def pretrain_cli(run_dir: Path, text_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def pretrain_cli(run_dir: Path, text_dir: Path, *overrides: str, check: bool = True,
+                 isolated: bool = False) -> subprocess.CompletedProcess:
     return run_cli(run_dir, "arch=tiny", f"data_dir={text_dir}", "data.max_seq_len=32", "data.batch_size=4",
-                   *overrides, check=check, backbone=False, config="pretrain")
+                   *overrides, check=check, backbone=False, config="pretrain", isolated=isolated)
 
 
 NO_DROPOUT = ["+arch.hidden_dropout_prob=0", "+arch.attention_probs_dropout_prob=0"]

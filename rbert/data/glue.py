@@ -227,9 +227,17 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
             self.splits["train"] = train.select(rows)
         log.info("task %s: %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
 
-    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader(self, ds: datasets.Dataset, batch_size: int, sharded: bool = True) -> DataLoader:
+        """An evaluation loader in file order; under DDP each rank gets its share of the rows, none twice."""
+        return DataLoader(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                          sampler=self.eval_sampler(ds) if sharded else None,
+                          persistent_workers=self.num_workers > 0)
+
+    def eval_loader(self, index: int = 0, batch_size: int | None = None) -> DataLoader:
+        """The ``index``-th evaluation set, whole, in one process (early-exit evaluation after training)."""
+        self.setup("validate")
+        return self._loader(self.splits[self.task.eval_splits[index]], batch_size or self.eval_batch_size,
+                            sharded=False)
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
@@ -239,11 +247,11 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.task.eval_splits]
+        return [self._loader(self.splits[s], self.eval_batch_size) for s in self.task.eval_splits]
 
     def test_dataloader(self) -> list[DataLoader]:
         # GLUE test labels are hidden, so "test" evaluates the dev set(s) unless a labelled test split is given.
-        return [self._loader(self.splits[s], self.eval_batch_size, False) for s in self.test_splits]
+        return [self._loader(self.splits[s], self.eval_batch_size) for s in self.test_splits]
 
     @property
     def test_splits(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""Training data that resumes mid-epoch at the same position (both datamodules use this).
+"""Training data that resumes mid-epoch at the same position, and evaluation data split over
+DDP ranks without repeats (both datamodules use this).
 
 Lightning restores the model, optimiser and loop counters from a checkpoint, but a plain
 DataLoader starts its epoch over. :class:`ResumableData` stores where training stands in its
@@ -15,22 +16,28 @@ run would see at those steps): an epoch offset maps the new fit's epochs onto th
 
 from __future__ import annotations
 
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import Dataset, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler's seeded per-epoch shuffle (one process: ``num_replicas=1``) that can
-    start epoch ``resume_epoch`` after the first ``resume_batches`` batches of this rank."""
+    start epoch ``resume_epoch`` after the first ``resume_batches`` batches of this rank.
+
+    ``with_epoch``: yield ``(data epoch, index)`` instead of ``index``, for a dataset whose items
+    depend on the epoch (the text datamodule's masks)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, resume_epoch: int = -1, resume_batches: int = 0, epoch_offset: int = 0):
+                 shuffle: bool = True, resume_epoch: int = -1, resume_batches: int = 0, epoch_offset: int = 0,
+                 with_epoch: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.batch_size = batch_size
         self.resume_epoch = resume_epoch
         self.resume_batches = resume_batches
         self.epoch_offset = epoch_offset
         self.epoch = epoch_offset
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         """``epoch`` is the fit's own count; the data's epoch is ``epoch_offset`` further on."""
@@ -40,7 +47,7 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         if self.epoch == self.resume_epoch:
             indices = indices[self.resume_batches * self.batch_size:]
-        return iter(indices)
+        return iter([(self.epoch, i) for i in indices] if self.with_epoch else indices)
 
 
 class ResumableData:
@@ -52,13 +59,23 @@ class ResumableData:
     _epoch_offset = 0
     _carry: tuple[int, int] = (-1, 0)
 
-    def train_sampler(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> ResumableSampler:
+    def train_sampler(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True,
+                      with_epoch: bool = False) -> ResumableSampler:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Lightning leaves a DistributedSampler in place under DDP: this one splits the data itself.
         return ResumableSampler(dataset, batch_size, seed, num_replicas=world, rank=rank, shuffle=shuffle,
                                 resume_epoch=self._resume[0], resume_batches=self._resume[1],
-                                epoch_offset=self._epoch_offset)
+                                epoch_offset=self._epoch_offset, with_epoch=with_epoch)
+
+    def eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each rank's share of an evaluation set, every sample exactly once (Lightning's
+        own sampler would pad the set with repeats to split it evenly); None in one process."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                            shuffle=False)
 
     def _trained_in(self, epoch: int, processed: int) -> int:
         """Batches of data epoch ``epoch`` trained on, given this fit's own count in it."""

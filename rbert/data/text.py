@@ -10,13 +10,13 @@ tail of each group of 1,000 lines that fills no block is dropped). ``datasets`` 
 packed blocks on disk.
 
 Masking uses ``transformers.DataCollatorForLanguageModeling``'s rule (15% of the tokens;
-of those 80% ``[MASK]``, 10% a random token, 10% unchanged), drawn from a generator seeded
-by the data itself rather than a global random state:
+of those 80% ``[MASK]``, 10% a random token, 10% unchanged), drawn for each block from a
+generator seeded by the data itself rather than a global random state:
 
-* training: by the run's seed and the ids of the blocks in the batch, so masks are fresh
-  for every batch (the shuffle differs every epoch) and a resumed run masks exactly as an
-  uninterrupted one would;
-* validation: by a fixed seed and each block's id, so every run, whatever its batch size
+* training: by the run's seed, the epoch and the block's id, so masks are fresh every
+  epoch, and a block masks the same whatever batch it lands in: a resumed run, a run on
+  more DDP ranks or with another batch size sees the same masked tokens;
+* validation: by a fixed seed and the block's id, so every run, whatever its batch size
   or seed, is scored on the same masked tokens and validation losses compare.
 
 Training resumes mid-epoch at the same data position (:mod:`rbert.data.resume`).
@@ -68,35 +68,28 @@ def data_seed(*key: int) -> int:
 
 
 class MaskingCollator:
-    """Stacks ``(block id, token ids)`` items and masks them with the library's MLM rule.
+    """Stacks ``(key, token ids)`` items and masks each block with the library's MLM rule, from a
+    generator seeded by ``seed`` and the block's key (``(epoch, block id)`` in training, the
+    block id in validation): its masks depend on nothing else."""
 
-    ``per_block=False``: one generator per batch, seeded by ``seed`` and the batch's block ids
-    (training). ``per_block=True``: one per block, seeded by ``seed`` and its id (validation).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float, seed: int, per_block: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, mlm_probability: float, seed: int):
         self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
         self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids))
         self.seed = seed
-        self.per_block = per_block
 
     def _mask(self, ids: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         self.masker.generator = torch.Generator().manual_seed(data_seed(self.seed, *key))
         return self.masker.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, self.special_ids))
 
-    def __call__(self, items: list[tuple[int, np.ndarray]]) -> dict[str, torch.Tensor]:
-        blocks = [block for block, _ in items]
+    def __call__(self, items: list[tuple[tuple[int, ...], np.ndarray]]) -> dict[str, torch.Tensor]:
         ids = torch.as_tensor(np.stack([row for _, row in items]), dtype=torch.long)
-        if self.per_block:
-            pairs = [self._mask(ids[i:i + 1], (block,)) for i, block in enumerate(blocks)]
-            inputs, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        else:
-            inputs, labels = self._mask(ids, tuple(blocks))
-        return {"input_ids": inputs, "labels": labels}
+        pairs = [self._mask(ids[i:i + 1], key) for i, (key, _) in enumerate(items)]
+        return {"input_ids": torch.cat([p[0] for p in pairs]), "labels": torch.cat([p[1] for p in pairs])}
 
 
 class Blocks(Dataset):
-    """Packed blocks, each item ``(block id, token ids)``."""
+    """Packed blocks. An item is ``(key, token ids)``; ``key`` is what the sampler asked for:
+    ``(epoch, block id)`` from the training sampler, a block id otherwise (as a 1-tuple)."""
 
     def __init__(self, ds: datasets.Dataset):
         self.ds = ds.with_format("numpy")
@@ -104,8 +97,9 @@ class Blocks(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
-        return int(index), self.ds[int(index)]["input_ids"]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[tuple[int, ...], np.ndarray]:
+        key = tuple(int(k) for k in key) if isinstance(key, tuple) else (int(key),)
+        return key, self.ds[key[-1]]["input_ids"]
 
 
 class TextDataModule(ResumableData, pl.LightningDataModule):
@@ -147,8 +141,8 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.tokenizer = load_tokenizer(tokenizer)
-        self.train_collate = MaskingCollator(self.tokenizer, mlm_probability, seed, per_block=False)
-        self.eval_collate = MaskingCollator(self.tokenizer, mlm_probability, eval_mask_seed, per_block=True)
+        self.train_collate = MaskingCollator(self.tokenizer, mlm_probability, seed)
+        self.eval_collate = MaskingCollator(self.tokenizer, mlm_probability, eval_mask_seed)
         splits = list(self.files if data_dir is not None else (self.hub or {}).get("splits", {}))
         evals = [s for s in splits if s != "train"]
         if "train" not in splits or evals[:1] != ["val"] or not all(s.startswith("val") for s in evals):
@@ -213,9 +207,13 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         blocks = Blocks(self.splits["train"])
         return DataLoader(blocks, batch_size=self.batch_size, collate_fn=self.train_collate,
-                          sampler=self.train_sampler(blocks, self.batch_size, self.seed),
+                          sampler=self.train_sampler(blocks, self.batch_size, self.seed, with_epoch=True),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(Blocks(self.splits[s]), batch_size=self.eval_batch_size, collate_fn=self.eval_collate,
-                           num_workers=self.num_workers) for s in self.eval_splits]
+        loaders = []
+        for split in self.eval_splits:
+            blocks = Blocks(self.splits[split])
+            loaders.append(DataLoader(blocks, batch_size=self.eval_batch_size, collate_fn=self.eval_collate,
+                                      sampler=self.eval_sampler(blocks), num_workers=self.num_workers))
+        return loaders

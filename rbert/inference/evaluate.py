@@ -31,8 +31,10 @@ from rbert.inference.plot import plot_curves
 from rbert.inference.policies import BudgetExit, ExitPolicy, NoExit
 from rbert.metrics import build_metrics, predictions
 from rbert.models.multi_exit import MultiExitBert
+from rbert.progress import track
 from rbert.report import atomic_write_text, format_table, write_json
 from rbert.systems.base import TaskSystem
+from rbert.tracking import log_curve, log_histogram
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def multi_exit_net(system: TaskSystem, policy: ExitPolicy, trained: list[int]) -
 
 
 def task_metric(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    metrics = build_metrics(task)
+    metrics = build_metrics(task, sync=False)  # the samples in hand are the whole set
     metrics.update(predictions(logits, task), labels)
     return {k: float(v) for k, v in metrics.compute().items()}
 
@@ -119,6 +121,54 @@ def time_runs(engines: dict[str, EarlyExit], batches: list[dict], device, autoca
                              torch.cuda.synchronize if device.type == "cuda" else None)
 
 
+def evenly(count: int, k: int | None) -> list[int]:
+    """``k`` indices spread evenly over ``range(count)``; all of them when ``k`` is None or >= count."""
+    if k is None or k >= count:
+        return list(range(count))
+    return torch.linspace(0, count - 1, k).long().tolist()
+
+
+@dataclass
+class TimingInputs:
+    """What wall-clock timing runs on, spread evenly over the dev set."""
+
+    single: list[dict]   # sentences one at a time, their padding cut
+    indices: list[int]   # their positions in the dev set
+    batched: list[dict]  # whole batches of the dev loader
+
+
+def timing_inputs(loader, device: torch.device, samples: int, batches: int | None) -> TimingInputs:
+    """``samples`` dev sentences at batch size 1 and ``batches`` dev batches (None: every batch).
+
+    Both are bounded by default: timing every sweep point on a whole dev set, at bs=1 and
+    batched, with repeats, is what made ``mode=eval`` take many minutes on a CPU.
+    """
+    all_batches = list(loader)
+    rows = [(b, i) for b in all_batches for i in range(len(b["input_ids"]))]
+    indices = evenly(len(rows), samples)
+    single = []
+    for b, i in (rows[j] for j in indices):
+        length = int(b["attention_mask"][i].sum())
+        single.append({k: (v[i:i + 1, :length] if v.ndim == 2 else v[i:i + 1]).to(device) for k, v in b.items()})
+    batched = [{k: v.to(device) for k, v in all_batches[j].items()} for j in evenly(len(all_batches), batches)]
+    return TimingInputs(single, indices, batched)
+
+
+def measure(net: MultiExitBert, policy: ExitPolicy, layers: list[int], inputs: TimingInputs, device, autocast,
+            repeats: int, full: EarlyExit | None = None) -> dict[str, float]:
+    """Measured wall-clock speed-up of early exit with ``policy`` over a full pass, at bs=1 and batched.
+
+    The full pass is the same engine with only the final exit (identical code but for the
+    exits); each input is timed in turns with it (see :func:`time_in_turns`): timings drift.
+    """
+    full = full or EarlyExit(net, NoExit(), exit_layers=layers[-1:])
+    engine = EarlyExit(net, policy, layers)
+    one = time_runs({"full": full, "exit": engine}, inputs.single, device, autocast, repeats)
+    many = time_runs({"full": full, "exit": engine}, inputs.batched, device, autocast, repeats)
+    return {"measured_speedup_bs1": one["full"] / one["exit"], "measured_speedup_batched": many["full"] / many["exit"],
+            "full_seconds_bs1": one["full"], "full_seconds_batched": many["full"]}
+
+
 def sweep(policy: ExitPolicy, logits: list[torch.Tensor], labels: torch.Tensor, layers: list[int],
           task: TaskSpec) -> list[dict]:
     """Simulated metric and layer-count speed-up for each threshold of ``policy.sweep``."""
@@ -150,6 +200,18 @@ class Setup:
     train_cfg: DictConfig
 
 
+def placement(eval_cfg: DictConfig) -> tuple[torch.device, Callable]:
+    """The device to evaluate on (``eval.device``; cuda if available) and an autocast context
+    factory for ``eval.amp``."""
+    device = torch.device(eval_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[eval_cfg.amp]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    return device, autocast
+
+
 def prepare(cfg: DictConfig) -> Setup:
     policy: ExitPolicy = hydra.utils.instantiate(cfg.exit_policy)
     system, train_cfg, trained = load_task_system(cfg.ckpt_path)
@@ -162,20 +224,14 @@ def prepare(cfg: DictConfig) -> Setup:
                               f"(trained exits: {trained})")
         layers = sorted(set(wanted) | {trained[-1]})
     net = multi_exit_net(system, policy.base if isinstance(policy, BudgetExit) else policy, layers)
-    device = torch.device(cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, autocast = placement(cfg.eval)
     system.to(device)
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.eval.amp]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
     datamodule = build_datamodule(cfg, system.task, backbone=train_cfg.backbone)
     return Setup(policy, system, net, trained, layers, device, autocast, datamodule, train_cfg)
 
 
 def dev_loader(datamodule):
-    datamodule.setup("validate")
-    return datamodule.val_dataloader()[0]
+    return datamodule.eval_loader(0)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -203,35 +259,27 @@ def run(cfg: DictConfig) -> dict:
 
     base = policy.base if isinstance(policy, BudgetExit) else policy
     rows = sweep(base, logits, labels, layers, task)
-    # Wall-clock: bs=1 on dev samples spread evenly over the set (no padding), and batched,
-    # against a full pass. The bs=1 subset gets its own layer-count speed-up to compare with.
-    single = [{k: (v[i:i + 1, : int(b["attention_mask"][i].sum())] if v.ndim == 2 else v[i:i + 1]).to(device)
-               for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))]
-    timed = torch.linspace(0, len(single) - 1, min(cfg.eval.timing_samples, len(single))).long()
-    single = [single[i] for i in timed.tolist()]
-    batched = [{k: v.to(device) for k, v in b.items()} for b in loader]
-    # The full pass is the same engine with only the final exit: identical code but for the exits.
+    # Wall-clock at bs=1 and batched against a full pass, on bounded samples of the dev set;
+    # the bs=1 sample gets its own layer-count speed-up to compare with.
+    inputs = timing_inputs(setup.datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
+                           cfg.eval.timing_batches)
     full = EarlyExit(net, NoExit(), exit_layers=layers[-1:])
-    repeats = cfg.eval.timing_repeats
     full_1 = full_b = float("inf")
-    for row in rows:
+    for row in track(rows, desc=f"timing {len(rows)} sweep points"):
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
-        timed_layers = simulate(p, logits, layers).exit_layer[timed].float()
+        timed_layers = simulate(p, logits, layers).exit_layer[inputs.indices].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
-        engine = EarlyExit(net, p, layers)
-        # Each point is timed in turns with a full pass (see time_in_turns): timings drift.
-        seconds = time_runs({"full": full, "exit": engine}, single, device, autocast, repeats)
-        full_1 = min(full_1, seconds["full"])
-        row["measured_speedup_bs1"] = seconds["full"] / seconds["exit"]
-        seconds = time_runs({"full": full, "exit": engine}, batched, device, autocast, repeats)
-        full_b = min(full_b, seconds["full"])
-        row["measured_speedup_batched"] = seconds["full"] / seconds["exit"]
+        measured = measure(net, p, layers, inputs, device, autocast, cfg.eval.timing_repeats, full)
+        full_1 = min(full_1, measured.pop("full_seconds_bs1"))
+        full_b = min(full_b, measured.pop("full_seconds_batched"))
+        row.update(measured)
+    batch_size = inputs.batched[0]["input_ids"].shape[0]
     summary.update(sweep=rows, full_forward_seconds={"bs1": full_1, "batched": full_b},
-                   timing_samples=len(single), batch_size=loader.batch_size)
+                   timing_samples=len(inputs.single), timing_batches=len(inputs.batched), batch_size=batch_size)
     if isinstance(policy, BudgetExit):
         summary["budget"] = policy.choose(rows)
-    print(f"\nsweep of {base.name}; speed-ups vs a full forward pass "
-          f"(bs=1 on {len(single)} samples; batched bs={loader.batch_size})\n{format_table(rows, floatfmt='{:.3f}')}")
+    print(f"\nsweep of {base.name}; speed-ups vs a full forward pass (bs=1 on {len(inputs.single)} samples; "
+          f"batched: {len(inputs.batched)} batches of {batch_size})\n{format_table(rows, floatfmt='{:.3f}')}")
     if "budget" in summary:
         print(f"\nbudget: {summary['budget']}")
     buffer = io.StringIO()
@@ -242,9 +290,70 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "eval.json", summary)
     plot_curves({label: ([r["layer_speedup"] for r in rows], [r[task.monitor] for r in rows])},
                 out / "sweep.png", metric=f"{task.name} dev {task.monitor}")
-    for logger in instantiate_all(cfg.get("logger")):
-        if hasattr(logger, "log_table"):  # W&B
-            logger.log_table("eval/sweep", columns=list(rows[0]), data=[list(r.values()) for r in rows])
-            logger.log_image("eval/sweep_plot", images=[str(out / "sweep.png")])
+    loggers = instantiate_all(cfg.get("logger"))  # W&B: the sweep as a table and plot, the exit layers
+    log_curve(loggers, "eval/sweep", rows, "layer_speedup", task.monitor, f"{label}: {task.name} dev")
+    configured = policy.choose(rows, as_policy=True) if isinstance(policy, BudgetExit) and summary["budget"]["met"] \
+        else base
+    log_histogram(loggers, "eval/exit_layer", simulate(configured, logits, layers).exit_layer.tolist(),
+                  {"policy": configured.describe()})
     log.info("evaluation written to %s", out)
     return summary
+
+
+# ---------------------------------------------------------------------------- after training
+def after_training(cfg: DictConfig, system: TaskSystem, datamodule, loggers: list) -> dict | None:
+    """What early exit buys, on the dev set, right after ``mode=train`` (``eval.after_train``).
+
+    The exit policy's threshold is chosen as the budget policy does: the largest layer-count
+    speed-up within ``eval.max_drop`` metric points of the final exit (``exit_policy=budget``
+    brings its own target). That one point is then timed at batch size 1 and batched, on the
+    bounded samples ``mode=eval`` uses: seconds on a small model, about a minute on MiniLM on
+    2 CPU cores. None for a single-exit model, or a policy that cannot run on this task.
+    """
+    net, trained, task = getattr(system, "net", None), system.trained_exit_layers(), system.task
+    policy = hydra.utils.instantiate(cfg.exit_policy)
+    budget = policy if isinstance(policy, BudgetExit) else None
+    if budget is None and policy.sweep is not None:
+        budget = BudgetExit(policy, max_drop=cfg.eval.max_drop)
+    if not isinstance(net, MultiExitBert) or len(trained) < 2 or budget is None:
+        return None
+    try:
+        budget.check(task.num_labels, len(trained))
+    except ConfigError as err:
+        log.info("no early-exit table: %s", err)
+        return None
+    device, autocast = placement(cfg.eval)
+    system.to(device).eval()
+    logits, labels = exit_logits(system, datamodule.eval_loader(0), device, autocast)
+    logits = only(logits, system.exit_layers, trained)
+    rows = sweep(budget.base, logits, labels, trained, task)
+    chosen = budget.choose(rows)
+    row = next(r for r in rows if r["threshold"] == chosen["threshold"])
+    chosen_policy = budget.base.with_threshold(chosen["threshold"])
+    inputs = timing_inputs(datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
+                           cfg.eval.timing_batches)
+    measured = measure(net, chosen_policy, trained, inputs, device, autocast, cfg.eval.timing_repeats)
+    exit_layer = simulate(chosen_policy, logits, trained).exit_layer
+    summary = {"policy": chosen_policy.describe(), "target": chosen["target"], "met": chosen["met"],
+               "metric": task.monitor, "final": row[task.monitor] + row["drop"] / 100,
+               "early_exit": row[task.monitor], "drop": row["drop"], "mean_exit_layer": row["mean_exit_layer"],
+               "layer_speedup": row["layer_speedup"],
+               "layer_speedup_bs1_samples": trained[-1] / exit_layer[inputs.indices].float().mean().item(),
+               "measured_speedup_bs1": measured["measured_speedup_bs1"],
+               "measured_speedup_batched": measured["measured_speedup_batched"],
+               "timing": f"bs=1 on {len(inputs.single)} dev sentences, batched on {len(inputs.batched)} batches "
+                         f"of {cfg.eval.batch_size}, best of {cfg.eval.timing_repeats}, {device.type}"}
+    log_histogram(loggers, "early_exit/exit_layer", exit_layer.tolist(), summary)
+    return summary
+
+
+def after_training_table(summary: dict) -> str:
+    """The early-exit part of ``mode=train``'s report, as text."""
+    metric = summary["metric"]
+    row = {"policy": summary["policy"], f"final {metric}": summary["final"],
+           f"early-exit {metric}": summary["early_exit"], "drop (points)": summary["drop"],
+           "mean exit layer": summary["mean_exit_layer"], "layer speed-up": summary["layer_speedup"],
+           "bs=1 measured": summary["measured_speedup_bs1"], "batched measured": summary["measured_speedup_batched"]}
+    note = "" if summary["met"] else "  (no threshold meets it: the smallest drop)"
+    return (f"early exit on the dev set, {summary['target']}{note}; speed-ups vs all layers "
+            f"({summary['timing']}):\n{format_table([row], floatfmt='{:.3f}')}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
+from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
 from rbert.data.tasks import TaskSpec
@@ -108,8 +109,8 @@ class BaseSystem(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # Beside every validation: training time and steps so far, for loss-vs-time curves.
         if self._fitting():
-            self.log("time/train_seconds", self.train_seconds)
-            self.log("time/step", float(self.steps_before_stage() + self.global_step))
+            self.log("time/train_seconds", self.train_seconds, sync_dist=True)  # ranks' clocks: their mean
+            self.log("time/step", float(self.steps_before_stage() + self.global_step), sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -154,9 +155,13 @@ class TaskSystem(BaseSystem):
         self.task = task
         self.exit_layers = list(exit_layers)
         self.metrics = nn.ModuleDict()
+        # The final exit's loss per evaluation set, averaged over samples: a metric, so that
+        # under DDP it is the mean over every rank's samples (uneven shards included).
+        self.eval_losses = nn.ModuleDict()
         multi = len(self.exit_layers) > 1
         for stage in ("val", "test"):
             for prefix in task.prefixes(stage):
+                self.eval_losses[prefix] = MeanMetric()
                 names = {i: f"{prefix}/exit_{layer}/" if multi else f"{prefix}/"
                          for i, layer in enumerate(self.exit_layers)}
                 if multi:  # the final exit also under the plain name
@@ -204,8 +209,9 @@ class TaskSystem(BaseSystem):
         prefix = self.task.prefixes(stage)[dataloader_idx]
         labels = batch["labels"]
         all_logits = self(batch)
-        self.log(f"{prefix}/loss", self.loss(all_logits[-1], labels), batch_size=labels.shape[0],
-                 add_dataloader_idx=False)
+        losses = self.eval_losses[prefix]
+        losses.update(self.loss(all_logits[-1], labels), weight=labels.shape[0])
+        self.log(f"{prefix}/loss", losses, add_dataloader_idx=False)
         keys = list(range(len(all_logits))) + (["final"] if len(all_logits) > 1 else [])
         for key in keys:
             logits = all_logits[-1] if key == "final" else all_logits[key]

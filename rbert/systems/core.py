@@ -57,11 +57,13 @@ class CoRe(MaskedLM):
         keep_optimizer_state: carry the Adam moments of the parameters the expansion keeps.
     """
 
+    continue_data = True  # phase 2 goes on with the data where phase 1 stopped
+
     def __init__(self, net: BertForMaskedLM, optimizer: Callable[..., torch.optim.Optimizer], total_steps: int,
                  switch: int | float = 0.5, warmup_ratio: float = 0.06, rewarmup_steps: int | float = 0.02,
                  transition_steps: int | float = 0, keep_optimizer_state: bool = True):
         super().__init__(net, optimizer, warmup_ratio)
-        if (net.bert.attention_type, net.bert.feed_forward_type) == ("softmax", "dense"):
+        if not self.is_relaxed:
             raise ConfigError("model=core: model.net is a standard BERT; phase 1 needs a relaxed one "
                               "(model.net.attention=linear and/or model.net.feed_forward=low_rank)")
         if total_steps is None or int(total_steps) < 2:
@@ -76,7 +78,6 @@ class CoRe(MaskedLM):
         self.transition_steps = as_steps(transition_steps, self.total_steps, "transition_steps")
         self.keep_optimizer_state = keep_optimizer_state
         self._carried_state: dict[str, dict] | None = None  # Adam moments by parameter name, at the switch
-        self.continue_data = True
 
     # ------------------------------------------------------------------ the switch
     def set_stage(self, stage: int) -> None:

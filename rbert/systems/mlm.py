@@ -27,6 +27,9 @@ class MaskedLM(BaseSystem):
         self.net = net
         self.eval_metrics = nn.ModuleDict()  # prefix -> {loss, accuracy}, made on first use
         self.validated_at = -1  # global step of the last validation (the final one need not run twice)
+        # (step over all stages, training minutes, each set's loss) at every validation of this fit
+        # (loggers plot it against time: rbert.tracking.log_curve in mode=pretrain).
+        self.history: list[dict] = []
 
     def monitor(self) -> tuple[str, str] | None:
         return "val/loss", "min"
@@ -49,7 +52,17 @@ class MaskedLM(BaseSystem):
         size = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        return out.loss
+        return self.global_token_mean(out.loss, out.labels.numel())
+
+    def global_token_mean(self, loss: torch.Tensor, count: int) -> torch.Tensor:
+        """Under DDP, ``loss`` (this rank's mean over its ``count`` masked tokens) rescaled so that
+        DDP's average of the ranks' gradients is the gradient of the mean over *all* masked tokens,
+        as in one process with the whole batch: ranks mask different numbers of tokens."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return loss
+        total = self.trainer.strategy.reduce(torch.tensor(float(count), device=loss.device), reduce_op="sum")
+        return loss * (count * world / total)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_prefixes(self) -> list[str]:
@@ -70,15 +83,20 @@ class MaskedLM(BaseSystem):
             metrics["accuracy"].update((out.logits.argmax(-1) == out.labels).float().mean(), weight=count)
 
     def on_validation_epoch_end(self) -> None:
+        point = {"step": self.steps_before_stage() + self.global_step, "train_minutes": self.train_seconds / 60}
         for prefix, metrics in self.eval_metrics.items():
             if metrics["loss"].update_count == 0:
                 continue
+            # compute() gathers every DDP rank's tokens, so each rank logs the same global value.
             loss = metrics["loss"].compute()
-            self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
-            self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=math.log(1e30))))
-            self.log(f"{prefix}/accuracy", metrics["accuracy"].compute())
+            point[f"{prefix}/loss"] = float(loss)
+            self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
+            self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=math.log(1e30))), sync_dist=True)
+            self.log(f"{prefix}/accuracy", metrics["accuracy"].compute(), sync_dist=True)
             metrics["loss"].reset()
             metrics["accuracy"].reset()
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
+            if self._fitting():
+                self.history.append(point)
         super().on_validation_epoch_end()

@@ -89,6 +89,9 @@ class DeeBERT(MultiExitSystem):
         return torch.stack([self.loss(z, labels) for z in logits[:-1]]).sum(), {}
 
 
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
 class RomeBERT(MultiExitSystem):
     """One stage, exits and backbone together, with self-distillation (SD) and gradient regularisation (GR).
 
@@ -97,6 +100,10 @@ class RomeBERT(MultiExitSystem):
         L = CE(z_L, y) + sum_{i<L} [(1 - gamma) CE(z_i, y) + gamma T^2 KL(softmax(z_L/T) || softmax(z_i/T))]
     For regression the distillation term is the MSE to the teacher's prediction.
     ``self_distillation=false`` gives the plain joint loss (sum of every exit's loss).
+
+    ``kd_reduction`` is how the KL term is averaged: ``mean`` (the reference code's
+    ``nn.KLDivLoss()`` default: the summed KL divided by batch x classes) or ``batchmean``
+    (divided by the batch: the textbook KL per sample, C times stronger on C classes).
 
     GR splits L into the final term and the exit terms; ``anchor`` says which one keeps its
     gradient g_A (``final``, ``exits``, or ``auto``: ``final`` for MNLI and QQP, ``exits``
@@ -107,8 +114,11 @@ class RomeBERT(MultiExitSystem):
 
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_ratio: float = 0.1, self_distillation: bool = True, temperature: float = 3.0,
-                 gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto"):
+                 gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto",
+                 kd_reduction: str = "mean"):
         super().__init__(task, net, optimizer, warmup_ratio)
+        if kd_reduction not in KD_REDUCTIONS:
+            raise ConfigError(f"model.kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
         if anchor == "auto":
             anchor = "final" if task.name in ("mnli", "qqp") else "exits"
         if anchor not in ("final", "exits"):
@@ -117,6 +127,7 @@ class RomeBERT(MultiExitSystem):
             raise ConfigError(f"model.gamma must lie in [0, 1] and model.temperature be > 0, got {gamma}, "
                               f"{temperature}")
         self.self_distillation = self_distillation
+        self.kd_reduction = kd_reduction
         self.temperature = temperature
         self.gamma = gamma
         self.gradient_regularization = gradient_regularization
@@ -134,8 +145,10 @@ class RomeBERT(MultiExitSystem):
             distill = F.mse_loss(z.squeeze(-1).float(), teacher.squeeze(-1).float())
         else:
             t = self.temperature
-            distill = t * t * F.kl_div(F.log_softmax(z.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
-                                       log_target=True, reduction="batchmean")
+            kl = F.kl_div(F.log_softmax(z.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
+                          log_target=True, reduction="sum")
+            # Spelled out: torch has announced that its reduction="mean" will become "batchmean".
+            distill = t * t * kl / (z.numel() if self.kd_reduction == "mean" else z.shape[0])
         return (1 - self.gamma) * self.loss(z, labels) + self.gamma * distill
 
     def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
