@@ -73,6 +73,7 @@ def test_trains_checkpoints_and_reports(glue_dir, tmp_path):
     assert "test/accuracy" in proc.stdout and "final" in proc.stdout  # the result table
     # ... and what early exit buys on the dev set: the budget policy's point, measured.
     assert "early exit on the dev set, budget(entropy, drop<=1)" in proc.stdout
+    assert "train steps: 32/32 (100%)" in proc.stdout + proc.stderr  # progress as log lines: no terminal
     early = res["early_exit"]
     assert early["drop"] <= 1.0 and early["layer_speedup"] >= 1.0 and early["measured_speedup_bs1"] > 0
     assert early["final"] == pytest.approx(res["test"]["test/accuracy"])
