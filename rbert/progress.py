@@ -132,8 +132,16 @@ class LogProgress(ProgressBar):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._enabled and not trainer.sanity_checking:
-            log.info("validation at step %d: %s", trainer.global_step,
+            log.info("validation at step %s: %s", self._step(trainer, pl_module),
                      self._metrics(trainer, pl_module, ("val",)) or "no metrics")
+
+    @staticmethod
+    def _step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """The run's step, not the stage's: a multi-stage system fits each stage anew."""
+        stages = getattr(pl_module, "num_stages", 1)
+        if stages <= 1:
+            return str(trainer.global_step)
+        return f"{pl_module.steps_before_stage() + trainer.global_step} (stage {pl_module.stage + 1}/{stages})"
 
     def on_test_end(self, trainer, pl_module) -> None:
         if self._enabled:

@@ -104,7 +104,8 @@ CORE = ["model=core", *NO_DROPOUT, "data.batch_size=8", "trainer.max_steps=12", 
 
 
 def test_both_phases_resume_on_either_side_of_the_switch(text_dir, tmp_path):
-    pretrain_cli(tmp_path / "whole", text_dir, *CORE, *KEEP_STEPS)
+    proc = pretrain_cli(tmp_path / "whole", text_dir, *CORE, *KEEP_STEPS)
+    assert "validation at step 9 (stage 2/2)" in proc.stdout + proc.stderr  # the run's step in the log lines
     ckpts = tmp_path / "whole" / "checkpoints"
     phase1, phase2 = ckpts / "stage1" / "step3.ckpt", ckpts / "stage2" / "step3.ckpt"
     assert torch.load(phase1, weights_only=True)["rbert_stage"] == 0

@@ -45,14 +45,17 @@ def odd_glue(tmp_path_factory) -> Path:
     return root
 
 
-def test_ddp_fine_tuning_equals_one_process_and_counts_each_dev_sample_once(odd_glue, tmp_path):
-    common = ["model=bert", f"data_dir={odd_glue}", "data.shuffle=false", "data.train_limit=null",
-              "model.net.bert.dropout=0.0", "model.net.dropout=0.0", "trainer.max_steps=3", *SGD,
-              "eval.after_train=false"]
+@pytest.mark.parametrize("model", ["bert", "deebert", "pabee"])
+def test_ddp_fine_tuning_equals_one_process_and_counts_each_dev_sample_once(model, odd_glue, tmp_path):
+    """DeeBERT: across its stage switch too (a new fit with the backbone frozen). RomeBERT's
+    gradient regularisation: tests/test_run.py."""
+    budget = ["model.stage_epochs=[1,1]"] if model == "deebert" else ["trainer.max_steps=3"]
+    common = [f"model={model}", f"data_dir={odd_glue}", "data.shuffle=false", "data.train_limit=null",
+              "model.net.bert.dropout=0.0", "model.net.dropout=0.0", *budget, *SGD, "eval.after_train=false"]
     run_cli(tmp_path / "one", *common, "data.batch_size=8")
     run_cli(tmp_path / "ddp", *common, "data.batch_size=4", "trainer=ddp_cpu")
-    assert_same_weights(state(tmp_path / "one" / "checkpoints" / "last.ckpt"),
-                        state(tmp_path / "ddp" / "checkpoints" / "last.ckpt"), "ddp")
+    last = "checkpoints/stage2/last.ckpt" if model == "deebert" else "checkpoints/last.ckpt"
+    assert_same_weights(state(tmp_path / "one" / last), state(tmp_path / "ddp" / last), "ddp")
     # 31 dev samples over 2 ranks: 16 + 15, none repeated, so the metrics are those of one process.
     one, ddp = results(tmp_path / "one"), results(tmp_path / "ddp")
     for key in ("test/accuracy", "test/loss"):
