@@ -145,6 +145,19 @@ def test_hf_round_trip(tmp_path):
         torch.testing.assert_close(back(ids, mask).logits, ours(ids, mask).logits, atol=1e-5, rtol=0)
 
 
+def test_mlm_folder_as_backbone_says_what_it_skips_in_one_line(tmp_path, caplog):
+    """An MLM folder as a classifier's encoder: the MLM head is unused and the pooler is new;
+    rbert logs that in two short lines instead of transformers' many-line load report."""
+    tiny_mlm().save_pretrained(tmp_path / "hf")
+    with caplog.at_level("INFO"):
+        encoder = load_encoder(str(tmp_path / "hf"))
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= 20]
+    assert any(line.endswith("not used: cls.predictions.*") for line in lines), lines
+    assert any(line.endswith("initialised at random: pooler.dense.*") for line in lines), lines
+    assert not any("LOAD REPORT" in line for line in lines)
+    assert encoder.embeddings.word_embeddings.weight.shape[0] == 120
+
+
 def test_masked_only_decoding_equals_full_decoding():
     model = tiny_mlm(dropout=0.0).eval()
     ids = torch.randint(5, 120, (4, 20))

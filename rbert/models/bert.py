@@ -20,6 +20,7 @@ its internals; see ``docs/design.md``.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from transformers.activations import ACT2FN
 
 __all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput", "load_by_name",
            "write_hf_folder"]
+
+log = logging.getLogger(__name__)
 
 
 class BertEmbeddings(nn.Module):
@@ -302,7 +305,19 @@ class BertModel(nn.Module):
 def load_by_name(hf_class, name_or_path: str | os.PathLike, build, **hf_kwargs) -> nn.Module:
     """Read a checkpoint with the ``transformers`` class ``hf_class``, then copy its weights, strictly
     by name, into ``build(config)``: an rbert model with the same module tree."""
-    hf = hf_class.from_pretrained(name_or_path, **hf_kwargs)
+    import transformers
+
+    # transformers prints a many-line load report for every head the checkpoint has and the class
+    # lacks (an MLM folder as a classifier's backbone: cls.predictions.*); say it in one line instead.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        hf, info = hf_class.from_pretrained(name_or_path, output_loading_info=True, **hf_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    for kind, what in (("unexpected_keys", "not used"), ("missing_keys", "initialised at random")):
+        if info.get(kind):
+            log.info("%s: %s: %s", name_or_path, what, ", ".join(sorted(key_groups(info[kind]))))
     if hf.config.model_type != "bert":
         raise ValueError(f"{name_or_path}: model_type {hf.config.model_type!r} is not a BERT checkpoint")
     model = build(hf.config)
@@ -311,6 +326,11 @@ def load_by_name(hf_class, name_or_path: str | os.PathLike, build, **hf_kwargs) 
     except RuntimeError as err:
         raise ValueError(f"{name_or_path}: weights do not load by name: {str(err).splitlines()[0]}") from err
     return model
+
+
+def key_groups(keys) -> set[str]:
+    """Parameter names shortened to their module prefix (``cls.predictions.*``) for a log line."""
+    return {".".join(k.split(".")[:2]) + ".*" if k.count(".") > 1 else k for k in keys}
 
 
 def write_hf_folder(folder: str | os.PathLike, config: BertConfig, architecture: str,
