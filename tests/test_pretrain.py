@@ -18,6 +18,7 @@ from transformers import BertConfig
 
 from rbert.data.resume import ResumableSampler
 from rbert.data.text import MaskingCollator, TextDataModule, pack_lines
+from rbert.errors import ConfigError
 from rbert.models import BertForMaskedLM, load_encoder, load_tokenizer
 from rbert.models.mlm import IGNORE_INDEX
 from tests.conftest import SHARED_TEXT
@@ -156,6 +157,11 @@ def test_mlm_folder_as_backbone_says_what_it_skips_in_one_line(tmp_path, caplog)
     assert any(line.endswith("initialised at random: pooler.dense.*") for line in lines), lines
     assert not any("LOAD REPORT" in line for line in lines)
     assert encoder.embeddings.word_embeddings.weight.shape[0] == 120
+    # A folder whose weights do not fit its config still fails (with transformers' report).
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(ConfigError, match="weights do not fit its config.json"):
+        load_encoder(str(tmp_path / "hf"))
 
 
 def test_masked_only_decoding_equals_full_decoding():

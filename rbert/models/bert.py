@@ -313,6 +313,10 @@ def load_by_name(hf_class, name_or_path: str | os.PathLike, build, **hf_kwargs) 
     transformers.logging.set_verbosity_error()
     try:
         hf, info = hf_class.from_pretrained(name_or_path, output_loading_info=True, **hf_kwargs)
+    except RuntimeError:  # a failed load (e.g. size mismatches): again with the report, which explains it
+        transformers.logging.set_verbosity(verbosity)
+        hf_class.from_pretrained(name_or_path, **hf_kwargs)
+        raise
     finally:
         transformers.logging.set_verbosity(verbosity)
     for kind, what in (("unexpected_keys", "not used"), ("missing_keys", "initialised at random")):

@@ -65,6 +65,9 @@ def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = 
                                          **overrides)
     except OSError as err:  # transformers' "not found / no network" errors
         raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err
+    except RuntimeError as err:  # weights that do not fit config.json (transformers' report printed above)
+        raise ConfigError(f"backbone: {backbone!r}: its weights do not fit its config.json "
+                          "(see the load report above)") from err
 
 
 def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | None = None,
@@ -85,6 +88,9 @@ def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | N
             return BertForMaskedLM.from_pretrained(resolve(init), attention=attention, feed_forward=feed_forward)
         except OSError as err:
             raise ConfigError(f"model.net.init: cannot load {init!r}: {str(err).splitlines()[0]}") from err
+        except RuntimeError as err:
+            raise ConfigError(f"model.net.init: {init!r}: its weights do not fit its config.json "
+                              "(see the load report above)") from err
     fields = dict(arch or {})
     unknown = sorted(set(fields) - set(BertConfig().to_dict()) - {"ffn_rank"})
     if unknown:  # BertConfig would keep a misspelt field and ignore it
