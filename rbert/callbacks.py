@@ -25,5 +25,5 @@ class CheckpointOnSigterm(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Also mid-validation (Lightning raises there too); the loops resume mid-evaluation.
         if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
-            trainer.save_checkpoint(self.path, weights_only=False)  # optimiser and loop state: resumable
+            trainer.save_checkpoint(self.path)
             log.warning("SIGTERM: checkpoint written to %s (resume with ckpt_path=%s)", self.path, self.path)

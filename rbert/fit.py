@@ -51,7 +51,7 @@ def fit(cfg: DictConfig, system, datamodule, loggers: list, ckpt_path: str | Non
         keepers = [c for c in checkpoints if c.save_last]
         saved_now = any(getattr(c, "_last_global_step_saved", -1) == trainer.global_step for c in keepers)
         if keepers and trainer.state.status == TrainerStatus.FINISHED and not saved_now:
-            trainer.save_checkpoint(Path(keepers[0].dirpath) / "last.ckpt", weights_only=False)  # resumable
+            trainer.save_checkpoint(Path(keepers[0].dirpath) / "last.ckpt")
     return trainer, checkpoints
 
 
