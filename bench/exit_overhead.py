@@ -73,7 +73,7 @@ def main() -> None:
         def run(i):
             ids, _, types = samples[i]
             hidden = bert.embed(ids, types)
-            for layer in islice(bert.encoder.layer, depths[i]):
+            for layer in islice(bert.layers, depths[i]):
                 hidden = layer(hidden, None)
         return run
 

@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from rbert.errors import ConfigError
+from rbert.errors import ConfigError, option_message
 
 # What a config stored in a checkpoint may instantiate: classes and functions defined in rbert
 # (see allowed_target), and these optimisers.
@@ -53,12 +53,35 @@ def check_optimisation(cfg: DictConfig) -> None:
         raise ConfigError(f"model.warmup_ratio must lie in [0, 1), got {warmup}")
 
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def model_error(err: BaseException | None) -> ValueError | None:
+    """The plain ValueError raised by model code (rbert/models) behind ``err``, if any: models
+    know nothing of configs, so the build layer names the option (``model.net``)."""
+    while err is not None:
+        if isinstance(err, ValueError) and not isinstance(err, ConfigError):
+            tb = err.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(MODELS_DIR):
+                return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def build_system(cfg: DictConfig, task=None) -> pl.LightningModule:
     check_optimisation(cfg)
-    # Partial, then called: Hydra would turn the TaskSpec object into a config node.
-    if task is None:
-        return hydra.utils.instantiate(cfg.model)
-    return hydra.utils.instantiate(cfg.model, _partial_=True)(task=task)
+    try:
+        # Partial, then called: Hydra would turn the TaskSpec object into a config node.
+        if task is None:
+            return hydra.utils.instantiate(cfg.model)
+        return hydra.utils.instantiate(cfg.model, _partial_=True)(task=task)
+    except Exception as err:
+        cause = model_error(err)
+        if cause is None:
+            raise
+        raise ConfigError(option_message("model.net", str(cause))) from err
 
 
 def build_datamodule(cfg: DictConfig, task=None, **overrides) -> pl.LightningDataModule:

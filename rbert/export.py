@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path}: {err}") from err
     out = Path(cfg.export_dir)
     net.save_pretrained(out)
-    load_tokenizer(train_cfg.tokenizer).save_pretrained(out)
+    load_tokenizer(train_cfg.tokenizer, "tokenizer").save_pretrained(out)
     print(f"Hugging Face model + tokenizer written to {out} (from {cfg.ckpt_path}: phase/stage "
           f"{ckpt.get('rbert_stage', 0) + 1} of {system.num_stages}, step {ckpt.get('global_step')})")
     return {"export_dir": str(out)}

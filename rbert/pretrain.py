@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from rbert.build import model_choice
+from rbert.data.vocab import TRAIN, train_tokenizer
 from rbert.errors import ConfigError
 from rbert.fit import best_checkpoint, fit, resume_checkpoint, setup_run
 from rbert.report import format_table, write_json
@@ -39,8 +40,28 @@ def check(cfg: DictConfig, system, datamodule) -> None:
             raise ConfigError(f"export_dir: {err}; set export_dir=null") from err
 
 
+def own_vocabulary(cfg: DictConfig) -> None:
+    """``tokenizer=train``: train (or find cached) the run's vocabulary on its training text, copy
+    it into the run folder and point ``tokenizer`` there, so the data, the model, the stored
+    config (``mode=export``) and the exported folder all use it."""
+    if cfg.tokenizer != TRAIN:
+        return
+    if cfg.get("data_dir") is None:
+        raise ConfigError("tokenizer=train: trains on local text files; set data_dir (or RBERT_TEXT_DIR)")
+    splits = list(cfg.vocab.splits)
+    unknown = [s for s in splits if s not in cfg.data.files]
+    if unknown:
+        raise ConfigError(f"vocab.splits: {unknown} not among data.files ({list(cfg.data.files)})")
+    files = [Path(cfg.data_dir).expanduser() / cfg.data.files[s] for s in splits]
+    folder = train_tokenizer(files, cfg.vocab.size, cfg.vocab.base, cfg.paths.cache_dir,
+                             Path(cfg.paths.output_dir) / "tokenizer")
+    cfg.tokenizer = str(folder)
+    log.info("own vocabulary of %d tokens (trained on %s) in %s", cfg.vocab.size, ", ".join(splits), folder)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg)
+    own_vocabulary(cfg)
     system, datamodule, loggers = setup_run(cfg)
     check(cfg, system, datamodule)
     trainer, checkpoints = fit(cfg, system, datamodule, loggers, ckpt_path)

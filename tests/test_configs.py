@@ -14,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from rbert.build import build_datamodule, build_system, build_task, instantiate_all
 from rbert.inference.policies import ExitPolicy
+from rbert.pretrain import own_vocabulary
 from rbert.systems import MaskedLM, TaskSystem
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -23,8 +24,8 @@ OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / gro
            if not yaml.stem.startswith("_")]
 # The primary config each option belongs to: conf/config.yaml (fine-tuning on a task, eval,
 # predict) or conf/pretrain.yaml (masked-LM pre-training). Options of other groups go with both.
-PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("model", "core"), ("experiment", "pretrain_small"),
-            ("experiment", "core_small")} | {("arch", o) for g, o in OPTIONS if g == "arch"}
+PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("model", "core"), ("experiment", "core_small")} | {
+    (g, o) for g, o in OPTIONS if g == "arch" or (g == "experiment" and o.startswith("pretrain_"))}
 TASK_ONLY_GROUPS = {"task", "exit_policy", "budget", "eval", "hparams_search"}
 
 
@@ -88,6 +89,8 @@ def test_option_composes_and_instantiates(primary, group, option, glue_dir, text
         (tmp_path / "train.csv").write_text("sentence,label\ngood,1\nbad,0\n")
         (tmp_path / "dev.csv").write_text("sentence,label\nfine,1\n")
 
+    if primary == "pretrain":
+        own_vocabulary(cfg)  # tokenizer=train: as run.py does before building
     task = build_task(cfg)
     model = build_system(cfg, task)
     datamodule = build_datamodule(cfg, task)

@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from rbert.data.resume import ResumableData
+from rbert.data.vocab import check_tokenizer
 from rbert.errors import ConfigError
-from rbert.models.hub import load_tokenizer, resolve
+from rbert.models.hub import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,18 @@ def data_seed(*key: int) -> int:
     """A 63-bit seed from integers (stable across processes and runs, unlike ``hash``)."""
     digest = hashlib.blake2b(np.asarray(key, dtype=np.int64).tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def unigram_nll(blocks: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """-log p(token) under the unigram distribution of ``blocks``' non-special tokens (add-one
+    smoothed; special tokens, never predicted, get probability 0): the best guess without context."""
+    counts = np.zeros(len(tokenizer), dtype=np.float64)
+    for chunk in blocks.with_format("numpy").iter(batch_size=4096):
+        counts += np.bincount(chunk["input_ids"].reshape(-1), minlength=len(tokenizer))[:len(tokenizer)]
+    counts += 1.0
+    counts[sorted(tokenizer.all_special_ids)] = 0.0
+    with np.errstate(divide="ignore"):
+        return torch.as_tensor(-np.log(counts / counts.sum()), dtype=torch.float32)
 
 
 class MaskingCollator:
@@ -140,7 +153,7 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = check_tokenizer(load_tokenizer(tokenizer, "tokenizer"), tokenizer)
         self.train_collate = MaskingCollator(self.tokenizer, mlm_probability, seed)
         self.eval_collate = MaskingCollator(self.tokenizer, mlm_probability, eval_mask_seed)
         splits = list(self.files if data_dir is not None else (self.hub or {}).get("splits", {}))
@@ -151,6 +164,7 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
                               f"named val_<name>; got {splits}")
         self.split_names = splits
         self.splits: dict[str, datasets.Dataset] = {}
+        self.unigram_nll: torch.Tensor | None = None  # set up with the training split
 
     @property
     def eval_splits(self) -> list[str]:
@@ -183,9 +197,10 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
     def encode(self, split: str) -> datasets.Dataset:
         raw = self.read_split(split)
         tokenizer, max_seq_len = self.tokenizer, self.max_seq_len
-        # Explicit fingerprint: hashing a tokenizer object is not stable across calls.
-        fingerprint = Hasher.hash([raw._fingerprint, resolve(self.tokenizer_name), tokenizer.vocab_size,
-                                   max_seq_len, LINES_PER_GROUP, "packed-v1"])
+        # Explicit fingerprint: hashing a tokenizer object is not stable across calls. Its vocabulary
+        # is the key, not its name: a trained vocabulary lives in each run's own folder.
+        fingerprint = Hasher.hash([raw._fingerprint, sorted(tokenizer.get_vocab().items()),
+                                   type(tokenizer).__name__, max_seq_len, LINES_PER_GROUP, "packed-v2"])
         ds = raw.map(lambda batch: {"input_ids": pack_lines(batch["text"], tokenizer, max_seq_len)},
                      batched=True, batch_size=LINES_PER_GROUP, remove_columns=raw.column_names,
                      new_fingerprint=fingerprint, desc=f"tokenising and packing {split}")
@@ -203,6 +218,7 @@ class TextDataModule(ResumableData, pl.LightningDataModule):
             if split not in self.splits:
                 self.splits[split] = self.encode(split)
         log.info("text blocks of %d tokens: %s", self.max_seq_len, {k: len(v) for k, v in self.splits.items()})
+        self.unigram_nll = unigram_nll(self.splits["train"], self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
         blocks = Blocks(self.splits["train"])

@@ -66,7 +66,7 @@ class EarlyExit:
         exit_layers = exit_layers or model.exit_layers
         self.bert, self.pooling, self.policy, self.trim_padding = model.bert, model.pooling, policy, trim_padding
         self.last = exit_layers[-1]
-        self.layers = list(islice(model.bert.encoder.layer, self.last))
+        self.layers = list(islice(model.bert.layers, self.last))
         # layer number -> its exit's (pooler weight, pooler bias, classifier weight, classifier bias)
         self.heads = {layer: model.exit_weights(model.exit_layers.index(layer)) for layer in exit_layers}
 

@@ -5,9 +5,9 @@ One readable file, in the spirit of Hugging Face's ``modeling_bert.py``:
 * parameter names are those of ``transformers.BertModel``, so any Hugging Face BERT
   checkpoint loads by name and :meth:`BertModel.save_pretrained` writes a folder that
   ``transformers.AutoModel.from_pretrained`` reads back;
-* the encoder can be run one layer at a time (:meth:`BertModel.embed`,
-  :meth:`BertModel.attention_bias`, ``encoder.layer[i]``), which multi-exit training and
-  early-exit inference need;
+* it provides the encoder interface of :mod:`rbert.models.encoder` (``embed``,
+  ``attention_bias``, ``layers``, ...), run one layer at a time by multi-exit training and
+  early-exit inference;
 * self-attention and the feed-forward projections are pluggable through the
   :data:`ATTENTIONS` and :data:`FEED_FORWARDS` registries: softmax attention via
   ``scaled_dot_product_attention`` and dense feed-forward layers are the standard BERT;
@@ -20,12 +20,7 @@ its internals; see ``docs/design.md``.
 
 from __future__ import annotations
 
-import logging
 import os
-import tempfile
-from dataclasses import dataclass
-from itertools import islice
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +28,22 @@ from torch import nn
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 
-__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput", "load_by_name",
-           "write_hf_folder"]
+from rbert.models.encoder import Encoder, EncoderOutput, key_groups, load_by_name, write_hf_folder
 
-log = logging.getLogger(__name__)
+__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertEncoderOutput", "key_groups",
+           "load_by_name", "write_hf_folder"]
 
 
 class BertEmbeddings(nn.Module):
     """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, width: int | None = None):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        width = width or config.hidden_size  # ALBERT and ELECTRA embed narrower, then project
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,19 +187,18 @@ class BertPooler(nn.Module):
         return self.activation(self.dense(pooled))
 
 
-@dataclass
-class BertEncoderOutput:
-    last_hidden_state: torch.Tensor
-    # (embeddings, layer 1, ..., layer L) when asked for, as in transformers.
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+BertEncoderOutput = EncoderOutput
 
 
-class BertModel(nn.Module):
+class BertModel(Encoder):
     """BERT encoder with Hugging Face parameter names.
 
     ``attention`` and ``feed_forward`` pick entries of :data:`ATTENTIONS` and
     :data:`FEED_FORWARDS`; the defaults give the standard BERT.
     """
+
+    hf_class = "BertModel"
+    model_types = ("bert",)
 
     def __init__(self, config: BertConfig, attention: str = "softmax", feed_forward: str = "dense",
                  add_pooling_layer: bool = True):
@@ -219,61 +214,19 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config, attention, feed_forward)
         # Masked-LM models have no pooler (as in transformers.BertForMaskedLM).
         self.pooler = BertPooler(config) if add_pooling_layer else None
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder.layer)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """BERT's initialisation (truncated-normal-like N(0, 0.02), LayerNorm 1/0)."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-    # ------------------------------------------------------------------ forward, piece by piece
+    # ------------------------------------------------------------------ the encoder interface
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.embeddings(input_ids, token_type_ids)
 
-    @staticmethod
-    def attention_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """(batch, seq) 1/0 padding mask -> boolean (batch, 1, 1, seq) SDPA mask, True = attend."""
-        if attention_mask is None:
-            return None
-        return attention_mask.bool()[:, None, None, :]
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layer
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        num_layers: int | None = None,
-    ) -> BertEncoderOutput:
-        """Run the embeddings and the first ``num_layers`` layers (all by default)."""
-        bias = self.attention_bias(attention_mask)
-        hidden = self.embed(input_ids, token_type_ids)
-        states = [hidden] if output_hidden_states else None
-        # islice, not layer[:n]: slicing a ModuleList builds a new module (~15 us, a cost at batch size 1)
-        for layer in islice(self.encoder.layer, num_layers or self.num_layers):
-            hidden = layer(hidden, bias)
-            if states is not None:
-                states.append(hidden)
-        return BertEncoderOutput(hidden, tuple(states) if states is not None else None)
+    @property
+    def pooler_dense(self) -> nn.Linear | None:
+        return self.pooler.dense if self.pooler is not None else None
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -286,81 +239,17 @@ class BertModel(nn.Module):
         """
         import transformers
 
-        return load_by_name(transformers.BertModel, name_or_path,
-                            lambda config: cls(config, attention=attention, feed_forward=feed_forward), **hf_kwargs)
+        return load_by_name(getattr(transformers, cls.hf_class), name_or_path,
+                            lambda config: cls(config, attention=attention, feed_forward=feed_forward),
+                            cls.model_types, cls.ignored_keys, **hf_kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` readable by ``AutoModel.from_pretrained``."""
         self.check_standard()
-        tensors = {k: v for k, v in self.state_dict().items()}
-        write_hf_folder(folder, self.config, "BertModel", tensors)
+        super().save_pretrained(folder)
 
     def check_standard(self) -> None:
         """Only a standard BERT (softmax attention, dense feed-forward) has a Hugging Face format."""
         if (self.attention_type, self.feed_forward_type) != ("softmax", "dense"):
             raise ValueError(f"a BERT with {self.attention_type} attention and {self.feed_forward_type} feed-forward "
                              "has no Hugging Face format; expand it into a standard BERT first")
-
-
-def load_by_name(hf_class, name_or_path: str | os.PathLike, build, **hf_kwargs) -> nn.Module:
-    """Read a checkpoint with the ``transformers`` class ``hf_class``, then copy its weights, strictly
-    by name, into ``build(config)``: an rbert model with the same module tree."""
-    import transformers
-
-    # transformers prints a many-line load report for every head the checkpoint has and the class
-    # lacks (an MLM folder as a classifier's backbone: cls.predictions.*); say it in one line instead.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        hf, info = hf_class.from_pretrained(name_or_path, output_loading_info=True, **hf_kwargs)
-    except RuntimeError:  # a failed load (e.g. size mismatches): again with the report, which explains it
-        transformers.logging.set_verbosity(verbosity)
-        hf_class.from_pretrained(name_or_path, **hf_kwargs)
-        raise
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    for kind, what in (("unexpected_keys", "not used"), ("missing_keys", "initialised at random")):
-        if info.get(kind):
-            log.info("%s: %s: %s", name_or_path, what, ", ".join(sorted(key_groups(info[kind]))))
-    if hf.config.model_type != "bert":
-        raise ValueError(f"{name_or_path}: model_type {hf.config.model_type!r} is not a BERT checkpoint")
-    model = build(hf.config)
-    try:
-        model.load_state_dict(hf.state_dict())
-    except RuntimeError as err:
-        raise ValueError(f"{name_or_path}: weights do not load by name: {str(err).splitlines()[0]}") from err
-    return model
-
-
-def key_groups(keys) -> set[str]:
-    """Parameter names shortened to their module prefix (``cls.predictions.*``) for a log line."""
-    return {".".join(k.split(".")[:2]) + ".*" if k.count(".") > 1 else k for k in keys}
-
-
-def write_hf_folder(folder: str | os.PathLike, config: BertConfig, architecture: str,
-                    tensors: dict[str, torch.Tensor]) -> None:
-    """``config.json`` + ``model.safetensors`` in the Hugging Face layout.
-
-    Each file is written to a temporary name and renamed, so an interrupted save never
-    leaves a half-written file under the final name.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config_dict = config.to_dict()
-    config_dict.update(architectures=[architecture], model_type="bert")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-    def write(name: str, save) -> None:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            save(tmp)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    write("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    write("config.json", lambda p: BertConfig.from_dict(config_dict).to_json_file(p))

@@ -1,12 +1,11 @@
-"""Sequence classification / regression on a :class:`~rbert.models.bert.BertModel`."""
+"""Sequence classification / regression on any backbone (:class:`~rbert.models.encoder.Encoder`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rbert.errors import ConfigError
-from rbert.models.bert import BertModel
+from rbert.models.encoder import Encoder
 
 POOLINGS = ("cls", "mean")
 
@@ -30,18 +29,26 @@ class BertForSequenceClassification(nn.Module):
     fine-tuned checkpoints load by name. ``num_labels=1`` is regression.
     """
 
-    def __init__(self, bert: BertModel, num_labels: int, pooling: str = "cls", dropout: float | None = None):
+    def __init__(self, bert: Encoder, num_labels: int, pooling: str = "cls", dropout: float | None = None):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ConfigError(f"model.net.pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
+            raise ValueError(f"pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
         self.bert = bert
         self.pooling = pooling
-        self.dropout = nn.Dropout(bert.config.hidden_dropout_prob if dropout is None else dropout)
+        # Families without a pooler (RoBERTa, DistilBERT, ELECTRA) get one of ours: dense + tanh.
+        self.pooler = None
+        if bert.pooler_dense is None:
+            from rbert.models.bert import BertPooler
+
+            self.pooler = BertPooler(bert.config)
+            bert.init_weights(self.pooler.dense)
+        self.dropout = nn.Dropout(bert.hidden_dropout if dropout is None else dropout)
         self.classifier = nn.Linear(bert.hidden_size, num_labels)
-        bert._init_weights(self.classifier)
+        bert.init_weights(self.classifier)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
-        pooled = self.bert.pooler(pool(hidden, attention_mask, self.pooling))
+        dense = self.pooler.dense if self.pooler is not None else self.bert.pooler_dense
+        pooled = torch.tanh(dense(pool(hidden, attention_mask, self.pooling)))
         return self.classifier(self.dropout(pooled))

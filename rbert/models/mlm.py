@@ -80,7 +80,7 @@ class BertForMaskedLM(nn.Module):
         self.config = config
         self.bert = BertModel(config, attention=attention, feed_forward=feed_forward, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
-        self.cls.apply(self.bert._init_weights)
+        self.cls.apply(self.bert.init_weights)
         nn.init.zeros_(self.cls.predictions.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -102,7 +102,8 @@ class BertForMaskedLM(nn.Module):
         import transformers
 
         return load_by_name(transformers.BertForMaskedLM, name_or_path,
-                            lambda config: cls(config, attention=attention, feed_forward=feed_forward), **hf_kwargs)
+                            lambda config: cls(config, attention=attention, feed_forward=feed_forward), ("bert",),
+                            **hf_kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """A folder that ``transformers.AutoModelForMaskedLM.from_pretrained`` reads (safetensors)."""

@@ -14,15 +14,13 @@ early layers carry little in the first token (see docs/design.md).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbert.errors import ConfigError
-from rbert.models.bert import BertModel, BertPooler
+from rbert.models.bert import BertPooler
 from rbert.models.classifier import POOLINGS, pool
+from rbert.models.encoder import Encoder
 
 EXIT_STYLES = ("highway", "pabee")
 
@@ -37,7 +35,7 @@ def exit_head(pooled: torch.Tensor, pooler_weight: torch.Tensor, pooler_bias: to
 
 
 class ExitHead(nn.Module):
-    """pooler (own, or the backbone's when ``pooler`` is None) -> dropout -> linear."""
+    """pooler (own, or the shared one when ``pooler`` is None) -> dropout -> linear."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooler: BertPooler | None):
         super().__init__()
@@ -45,13 +43,24 @@ class ExitHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def weights(self, shared_pooler: BertPooler) -> tuple[torch.Tensor, ...]:
+    def weights(self, shared_dense: nn.Linear) -> tuple[torch.Tensor, ...]:
         """The tensors :func:`exit_head` takes after ``pooled``."""
-        pooler = self.pooler if self.pooler is not None else shared_pooler
-        return pooler.dense.weight, pooler.dense.bias, self.classifier.weight, self.classifier.bias
+        dense = self.pooler.dense if self.pooler is not None else shared_dense
+        return dense.weight, dense.bias, self.classifier.weight, self.classifier.bias
 
-    def forward(self, pooled: torch.Tensor, shared_pooler: BertPooler) -> torch.Tensor:
-        return exit_head(pooled, *self.weights(shared_pooler), dropout=self.dropout if self.training else None)
+    def forward(self, pooled: torch.Tensor, shared_dense: nn.Linear) -> torch.Tensor:
+        return exit_head(pooled, *self.weights(shared_dense), dropout=self.dropout if self.training else None)
+
+
+def own_pooler(bert: Encoder) -> BertPooler:
+    """A pooler for a head on ``bert``: a copy of the backbone's pooler projection, or a fresh one
+    (initialised as the backbone's weights were) for families without a pooler."""
+    pooler = BertPooler(bert.config)
+    if bert.pooler_dense is not None:
+        pooler.dense.load_state_dict(bert.pooler_dense.state_dict())
+    else:
+        bert.init_weights(pooler.dense)
+    return pooler
 
 
 class MultiExitBert(nn.Module):
@@ -60,29 +69,34 @@ class MultiExitBert(nn.Module):
     The last layer always has an exit: it is the model's final classifier.
     """
 
-    def __init__(self, bert: BertModel, num_labels: int, exit_layers: list[int] | None = None,
+    def __init__(self, bert: Encoder, num_labels: int, exit_layers: list[int] | None = None,
                  style: str = "highway", pooling: str = "cls", dropout: float | None = None):
         super().__init__()
         if style not in EXIT_STYLES:
-            raise ConfigError(f"model.net.style: unknown exit style {style!r}; choose one of {EXIT_STYLES}")
+            raise ValueError(f"style: unknown exit style {style!r}; choose one of {EXIT_STYLES}")
         if pooling not in POOLINGS:
-            raise ConfigError(f"model.net.pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
+            raise ValueError(f"pooling: unknown pooling {pooling!r}; choose one of {POOLINGS}")
         n = bert.num_layers
         layers = sorted(set(exit_layers or range(1, n + 1)) | {n})
         if layers[0] < 1 or layers[-1] > n:
-            raise ConfigError(f"model.net.exit_layers must lie in 1..{n} (the backbone's layers), got {exit_layers}")
+            raise ValueError(f"exit_layers must lie in 1..{n} (the backbone's layers), got {exit_layers}")
         self.bert = bert
         self.exit_layers = layers
         self.style = style
         self.pooling = pooling
-        p = bert.config.hidden_dropout_prob if dropout is None else dropout
+        # The final exit's (and PABEE's shared) pooler: the backbone's, or one of ours if it has none.
+        self.pooler = own_pooler(bert) if bert.pooler_dense is None else None
+        p = bert.hidden_dropout if dropout is None else dropout
         self.exits = nn.ModuleList(
-            ExitHead(bert.hidden_size, num_labels, p,
-                     copy.deepcopy(bert.pooler) if style == "highway" and layer != n else None)
+            ExitHead(bert.hidden_size, num_labels, p, own_pooler(bert) if style == "highway" and layer != n else None)
             for layer in layers
         )
         for head in self.exits:
-            bert._init_weights(head.classifier)
+            bert.init_weights(head.classifier)
+
+    @property
+    def shared_dense(self) -> nn.Linear:
+        return self.pooler.dense if self.pooler is not None else self.bert.pooler_dense
 
     @property
     def num_layers(self) -> int:
@@ -90,11 +104,11 @@ class MultiExitBert(nn.Module):
 
     def exit_logits(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of exit number ``index`` (0-based, in ``exit_layers`` order) on that layer's output."""
-        return self.exits[index](pool(hidden, attention_mask, self.pooling), self.bert.pooler)
+        return self.exits[index](pool(hidden, attention_mask, self.pooling), self.shared_dense)
 
     def exit_weights(self, index: int) -> tuple[torch.Tensor, ...]:
         """Exit ``index``'s tensors for :func:`exit_head`, for loops that look them up once."""
-        return self.exits[index].weights(self.bert.pooler)
+        return self.exits[index].weights(self.shared_dense)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
-from rbert.errors import ConfigError
 from rbert.models.bert import ATTENTIONS, FEED_FORWARDS, SoftmaxSelfAttention
 
 
@@ -83,7 +82,7 @@ def ffn_rank(config: BertConfig, in_features: int, out_features: int) -> int:
     if isinstance(rank, float) and rank <= 1:
         rank = max(1, round(rank * config.hidden_size))
     if not 1 <= int(rank) <= min(in_features, out_features):
-        raise ConfigError(f"model.net.ffn_rank={rank} must lie in 1..{min(in_features, out_features)}")
+        raise ValueError(f"ffn_rank={rank} must lie in 1..{min(in_features, out_features)}")
     return int(rank)
 
 

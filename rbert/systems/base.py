@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from rbert.data.tasks import TaskSpec
+from rbert.errors import ConfigError
 from rbert.metrics import build_metrics, predictions
 
-NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+# model.schedule -> transformers' scheduler name (each with linear warm-up)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 class BaseSystem(pl.LightningModule):
@@ -36,8 +38,11 @@ class BaseSystem(pl.LightningModule):
 
     Args:
         optimizer: a partial optimiser (``torch.optim.AdamW`` with lr, weight_decay...);
-            biases and LayerNorm weights get no weight decay.
-        warmup_ratio: linear warm-up over this fraction of the training steps, then linear decay to 0.
+            1-D parameters (biases, norm weights) get no weight decay.
+        warmup_ratio: linear warm-up over this fraction of the training steps, then ``schedule``.
+        schedule: after warm-up, ``linear`` decay to 0 (BERT's), ``cosine`` or ``constant``
+            (``transformers.get_scheduler``). With ``warmup_ratio=0.5``, ``linear`` is the
+            triangular one-cycle schedule of Cramming.
     """
 
     # Objectives trained in several stages (DeeBERT; CoRe's two phases) set one of these to
@@ -48,10 +53,14 @@ class BaseSystem(pl.LightningModule):
     # (CoRe: one data stream over both phases) instead of starting it afresh (DeeBERT).
     continue_data = False
 
-    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float):
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float,
+                 schedule: str = "linear"):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"model.schedule: unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
+        self.schedule = schedule
         # Filled by the pipeline: the composed config, stored in every checkpoint so it can be rebuilt.
         self.run_config: dict | None = None
         self.stage = 0
@@ -115,16 +124,16 @@ class BaseSystem(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.named_parameters():
+        for param in self.parameters():
             if param.requires_grad:
-                (no_decay if name.endswith(NO_DECAY) else decay).append(param)
+                (no_decay if param.ndim < 2 else decay).append(param)  # biases, norms (every family's names)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        """Warm-up over ``warmup_ratio`` of this fit's optimiser steps, then linear decay to 0."""
+        """Warm-up over ``warmup_ratio`` of this fit's optimiser steps, then the schedule."""
         total = self.trainer.estimated_stepping_batches
-        return get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return get_scheduler(SCHEDULES[self.schedule], optimizer, int(self.warmup_ratio * total), total)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -132,9 +132,10 @@ class RomeBERT(MultiExitSystem):
         self.gamma = gamma
         self.gradient_regularization = gradient_regularization
         self.anchor = anchor
-        layers = net.bert.encoder.layer[:-1]
-        self.gr_params = [p for layer in layers for name, p in layer.named_parameters()
-                          if name.endswith("weight") and p.ndim == 2]
+        # The weights of the layers below the last; ALBERT's shared layer counts once.
+        params = {id(p): p for layer in list(net.bert.layers)[:-1] for name, p in layer.named_parameters()
+                  if name.endswith("weight") and p.ndim == 2}
+        self.gr_params = list(params.values())
         self._g_anchor: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ loss

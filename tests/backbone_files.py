@@ -1,0 +1,50 @@
+"""Tiny random checkpoints of every backbone family, made with transformers' own classes and
+saved as a user's folder would be (config.json, safetensors, a tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from rbert.models import load_tokenizer
+
+VOCAB = 30522  # MiniLM's tokenizer, saved into every folder
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=160, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+# family -> (transformers config class, model class, config fields)
+FAMILIES = {
+    "bert": (transformers.BertConfig, transformers.BertModel, dict(COMMON, hidden_size=32)),
+    # pad_token_id 0: MiniLM's tokenizer pads with id 0 (RoBERTa's own vocabulary uses 1)
+    "roberta": (transformers.RobertaConfig, transformers.RobertaModel,
+                dict(COMMON, hidden_size=32, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=0)),
+    "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel,
+                    dict(COMMON, hidden_size=32, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=0)),
+    "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel,
+                   dict(vocab_size=VOCAB, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=160,
+                        pad_token_id=0)),
+    # 4 applications of one shared layer; embeddings narrower than the layers
+    "albert": (transformers.AlbertConfig, transformers.AlbertModel,
+               dict(COMMON, hidden_size=32, embedding_size=16, num_hidden_groups=1, inner_group_num=1,
+                    pad_token_id=0)),
+    "electra": (transformers.ElectraConfig, transformers.ElectraModel,
+                dict(COMMON, hidden_size=32, embedding_size=16, pad_token_id=0)),
+}
+
+
+def write_family(root: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random ``family`` checkpoint folder under ``root`` (made once per root)."""
+    folder = root / family
+    if (folder / "config.json").is_file():
+        return folder
+    config_class, model_class, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**fields))
+    with torch.no_grad():  # ALBERT/ELECTRA-style zero biases would hide mistakes: make every weight count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    load_tokenizer("minilm").save_pretrained(folder)
+    return folder
