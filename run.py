@@ -3,7 +3,8 @@
 ``python run.py task=sst2 model=bert`` fine-tunes, validates and tests (``conf/config.yaml``);
 ``python run.py --config-name pretrain`` pre-trains a masked-LM BERT (``conf/pretrain.yaml``).
 ``mode=eval`` / ``mode=predict`` evaluate or apply a fine-tuned checkpoint; ``mode=export``
-writes a pre-training checkpoint as a Hugging Face folder. Every option is a
+writes a fine-tuned checkpoint as a deployable early-exit folder (a pre-training one as a
+Hugging Face folder); ``mode=serve`` serves an exported folder over HTTP. Every option is a
 Hydra config group under ``conf/``; see README.md.
 """
 
@@ -20,8 +21,9 @@ log = logging.getLogger("rbert")
 
 # mode -> module whose run(cfg) carries it out (imported late so that --help and config errors are fast).
 MODES = {"train": "rbert.train", "pretrain": "rbert.pretrain", "export": "rbert.export",
-         "eval": "rbert.inference.evaluate", "predict": "rbert.inference.predict"}
-TASK_FREE = ("pretrain", "export")  # the modes of conf/pretrain.yaml
+         "eval": "rbert.inference.evaluate", "predict": "rbert.inference.predict", "serve": "rbert.serve"}
+TASK_FREE = ("pretrain",)  # the modes of conf/pretrain.yaml only
+ANY_CONFIG = ("export",)   # reads what it needs from the checkpoint: either config
 
 
 def config_error(err: BaseException):
@@ -46,7 +48,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.mode not in MODES:
             raise ConfigError(f"mode: unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-        if (cfg.mode in TASK_FREE) != (cfg.get("task") is None):
+        if cfg.mode not in ANY_CONFIG and (cfg.mode in TASK_FREE) != (cfg.get("task") is None):
             raise ConfigError(f"mode={cfg.mode} needs "
                               + ("--config-name pretrain" if cfg.mode in TASK_FREE else "the default config "
                                  "(no --config-name pretrain): it works on a task"))

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rbert.data.glue import read_table  # noqa: E402
-from rbert.inference.evaluate import load_task_system  # noqa: E402
+from rbert.inference.checkpoint import load_task_system  # noqa: E402
 from rbert.models import load_encoder  # noqa: E402
 from rbert.models.classifier import pool  # noqa: E402
 from rbert.models.hub import load_tokenizer  # noqa: E402

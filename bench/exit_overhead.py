@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rbert.data.glue import read_table  # noqa: E402
+from rbert.inference.checkpoint import load_task_system  # noqa: E402
 from rbert.inference.engine import EarlyExit  # noqa: E402
-from rbert.inference.evaluate import load_task_system, time_in_turns  # noqa: E402
 from rbert.inference.policies import POLICIES, NoExit  # noqa: E402
+from rbert.inference.timing import time_in_turns  # noqa: E402
 from rbert.models.hub import load_tokenizer  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
 

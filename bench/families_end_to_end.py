@@ -4,7 +4,9 @@ No pretrained RoBERTa, DistilBERT, ALBERT or ELECTRA weights exist offline, so e
 a tiny random checkpoint made with ``transformers``' own classes (``tests/backbone_files.py``),
 saved as a user's folder would be. For each: ``python run.py task=sst2 model=<objective>
 backbone=<folder>`` on a slice of SST-2, whose report ends with the early-exit table at the
-budget-chosen threshold; the script collects each run's per-exit dev accuracy and that table.
+budget-chosen threshold; then ``mode=export`` (``exit_policy=budget``) and the onnxruntime
+runtime on the whole dev set. The script collects each run's per-exit dev accuracy, that
+table, and the exported model's accuracy and mean exit layer.
 The accuracies of random tiny models say nothing about the families; the point is that the
 whole path runs on each.
 
@@ -22,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.deploy_speed import dev_set  # noqa: E402
+from rbert.deploy import OnnxEarlyExitModel  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
 from tests.backbone_files import FAMILIES, write_family  # noqa: E402
 
@@ -52,6 +56,22 @@ def main() -> None:
                      "mean exit layer": early.get("mean_exit_layer"), "layer speed-up": early.get("layer_speedup"),
                      "bs=1 measured": early.get("measured_speedup_bs1"),
                      "batched measured": early.get("measured_speedup_batched")})
+        # The deploy path: mode=export (ONNX graphs), then the onnxruntime runtime on the dev set.
+        export = run_dir / "export"
+        best = (run_dir / "checkpoints" / "best.ckpt").resolve()
+        cmd = [sys.executable, "run.py", "mode=export", f"ckpt_path={best}", f"export_dir={export.resolve()}",
+               f"data_dir={args.glue.resolve()}", "exit_policy=budget",
+               f"hydra.run.dir={(run_dir / 'export_run').resolve()}"]
+        if not export.is_dir():
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{family}: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        texts, labels = dev_set(args.glue)
+        deployed = OnnxEarlyExitModel.from_pretrained(export)
+        answers = deployed.predict(texts)
+        correct = sum(a["label"] == y for a, y in zip(answers, labels))
+        rows[-1].update({"onnx policy": deployed.policy.describe(), "onnx acc.": round(100 * correct / len(labels), 1),
+                         "onnx mean exit": round(sum(a["exit_layer"] for a in answers) / len(answers), 2)})
         print(rows[-1], flush=True)
     print(f"model={args.model}, SST-2 {args.rows} rows, 1 epoch, lr 1e-3; dev accuracy (%) per exit")
     print(format_table(rows))

@@ -1,3 +1,5 @@
-"""rbert: efficient BERT (multi-exit fine-tuning, CoRe pre-training) as Lightning modules composed by Hydra."""
+"""rbert: efficient BERT (multi-exit fine-tuning, CoRe pre-training) as Lightning modules composed by Hydra.
 
-from rbert import launch  # noqa: F401  (registers the rbert.run_id resolver that conf/hydra/default.yaml uses)
+Importing a subpackage imports only what it needs: ``rbert.models`` and ``rbert.deploy`` are
+plain PyTorch (and onnxruntime), free of Lightning and Hydra.
+"""

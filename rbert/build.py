@@ -23,6 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import rbert.launch  # noqa: F401  (registers the rbert.run_id resolver that conf/hydra/default.yaml uses)
 from rbert.errors import ConfigError, option_message
 
 # What a config stored in a checkpoint may instantiate: classes and functions defined in rbert

@@ -1,10 +1,18 @@
-"""``mode=export`` (``python run.py --config-name pretrain mode=export ckpt_path=... export_dir=...``).
+"""``mode=export``: a checkpoint as a folder that runs outside the training code.
 
-Writes a pre-training checkpoint as a Hugging Face folder (``model.safetensors``, config,
-tokenizer) that ``transformers.AutoModelForMaskedLM`` loads and every ``model=`` option
-fine-tunes (``backbone=<folder>``). A CoRe checkpoint from either phase is expanded into a
-standard BERT on the way (W <- U V, softmax attention): for phase 1, that is CoRe's
-expansion without the phase-2 training.
+``python run.py mode=export ckpt_path=<.ckpt> [export_dir=<folder>]`` takes either kind:
+
+* a **fine-tuned** checkpoint (any ``model=`` option) becomes an exported early-exit folder
+  (:mod:`rbert.deploy`): weights, tokenizer, the exits and the exit policy with its
+  threshold (``exit_policy=budget`` picks it on the dev set now), and ONNX graphs for the
+  onnxruntime runtime (``export_onnx=false``: none). It loads with
+  ``rbert.deploy.EarlyExitModel.from_pretrained`` and serves with ``mode=serve``.
+  A single-exit model (``model=bert``) exports as one exit, answered at full depth.
+* a **pre-training** checkpoint becomes a Hugging Face folder (``model.safetensors``,
+  config, tokenizer) that ``transformers.AutoModelForMaskedLM`` loads and every ``model=``
+  option fine-tunes (``backbone=<folder>``). A CoRe checkpoint from either phase is expanded
+  into a standard BERT on the way (W <- U V, softmax attention): for phase 1, that is CoRe's
+  expansion without the phase-2 training.
 """
 
 from __future__ import annotations
@@ -17,19 +25,24 @@ from omegaconf import DictConfig
 from rbert.build import load_system
 from rbert.errors import ConfigError
 from rbert.models.hub import load_tokenizer
+from rbert.systems.base import TaskSystem
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
-        raise ConfigError("mode=export needs ckpt_path=<a pre-training checkpoint>")
+        raise ConfigError("mode=export needs ckpt_path=<a fine-tuned or pre-training checkpoint>")
     if not cfg.get("export_dir"):
         raise ConfigError("mode=export needs export_dir=<the folder to write>")
     system, train_cfg, ckpt = load_system(cfg.ckpt_path)
+    if isinstance(system, TaskSystem):
+        if "exit_policy" not in cfg:
+            raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is a fine-tuned checkpoint: export it without "
+                              "--config-name pretrain (python run.py mode=export ckpt_path=...)")
+        return export_fine_tuned(cfg, system, train_cfg, ckpt)
     if not hasattr(system, "export_net"):
-        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is not a pre-training checkpoint (model "
-                          f"{train_cfg.model._target_}); fine-tuned models are used with mode=eval/predict")
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path}: model {train_cfg.model._target_} has no export")
     try:
         net = system.export_net()
     except ValueError as err:
@@ -40,3 +53,36 @@ def run(cfg: DictConfig) -> dict:
     print(f"Hugging Face model + tokenizer written to {out} (from {cfg.ckpt_path}: phase/stage "
           f"{ckpt.get('rbert_stage', 0) + 1} of {system.num_stages}, step {ckpt.get('global_step')})")
     return {"export_dir": str(out)}
+
+
+def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig, ckpt: dict) -> dict:
+    from rbert.deploy import DeploySpec, FolderError, save
+    from rbert.inference.policies import NoExit, policy_to_dict
+    from rbert.inference.prepare import prepare, resolve_budget
+    from rbert.models.classifier import BertForSequenceClassification
+    from rbert.models.multi_exit import MultiExitBert
+
+    trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
+    if isinstance(system.net, BertForSequenceClassification):  # one exit: nothing to choose
+        net, layers, policy, choice = MultiExitBert.from_classifier(system.net), trained[-1:], NoExit(), None
+    else:
+        setup = prepare(cfg, loaded=(system, train_cfg, trained))
+        net, layers = setup.net, setup.layers
+        policy, choice = resolve_budget(setup)
+    task = system.task
+    labels = [] if task.is_regression else [str(label) for label in (task.labels or range(task.num_labels))]
+    spec = DeploySpec(task=task.name, text_fields=list(task.text_fields), labels=labels,
+                      max_length=int(train_cfg.data.max_length), exit_layers=list(net.exit_layers),
+                      trained_exits=trained, consulted_exits=layers, style=net.style, pooling=net.pooling,
+                      policy=policy_to_dict(policy), policy_choice=choice,
+                      objective=str(train_cfg.model._target_).rsplit(".", 1)[-1])
+    try:
+        out = save(cfg.export_dir, net.cpu(), load_tokenizer(train_cfg.backbone), spec,
+                   onnx=bool(cfg.get("export_onnx", True)))
+    except FolderError as err:
+        raise ConfigError(f"export_dir: {err}") from err
+    graphs = len(spec.onnx.get("segments", []))
+    print(f"early-exit model written to {out}: {task.name}, exits {layers} of {net.exit_layers}, "
+          f"policy {policy.describe()}" + (f" (chosen on the dev set: {choice})" if choice else "")
+          + (f", {graphs + 1} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs"))
+    return {"export_dir": str(out), "policy": policy.describe(), "consulted_exits": layers}

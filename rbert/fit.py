@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 
 from rbert.build import build_datamodule, build_system, check_checkpoint, instantiate_all, make_trainer, stored_stage
+from rbert.hardware import check_trainer, preflight_data
 from rbert.launch import resume_path
 
 
@@ -20,9 +21,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def setup_run(cfg: DictConfig, task=None) -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
-    """Seeded system, datamodule and loggers of a run; the system carries the resolved config."""
+    """Seeded system, datamodule and loggers of a run; the system carries the resolved config.
+
+    First the hardware options and, where DDP children are to start, the data are checked,
+    so that bad input gets one line before any child process exists (:mod:`rbert.hardware`).
+    """
+    check_trainer(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, task)
+    preflight_data(cfg, datamodule)
     system = build_system(cfg, task)
     system.run_config = OmegaConf.to_container(cfg, resolve=True)
     loggers = instantiate_all(cfg.get("logger"))

@@ -2,7 +2,7 @@
 
 A multi-exit model's report ends with what early exit buys on the dev set
 (``eval.after_train``): the budget policy's threshold for at most ``eval.max_drop`` points
-of metric, and the layer-count and measured speed-ups there (:mod:`rbert.inference.evaluate`).
+of metric, and the layer-count and measured speed-ups there (:mod:`rbert.inference.report`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     results.update(validation_score(trainer, system, datamodule, best))
     early_exit = None
     if cfg.eval.after_train and cfg.test and trainer.is_global_zero:
-        from rbert.inference.evaluate import after_training
+        from rbert.inference.report import after_training
 
         early_exit = after_training(cfg, system, datamodule, loggers)  # on the tested weights
     if trainer.is_global_zero:
@@ -75,7 +75,7 @@ def report(cfg: DictConfig, task, results: dict[str, float], ckpt_path: str | No
     if best is not None and best.best_model_score is not None:
         summary["best_val"] = {best.monitor: float(best.best_model_score)}
     if early_exit is not None:
-        from rbert.inference.evaluate import after_training_table
+        from rbert.inference.report import after_training_table
 
         print(f"{after_training_table(early_exit)}\n")
         summary["early_exit"] = early_exit

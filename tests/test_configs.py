@@ -26,7 +26,7 @@ OPTIONS = [(group, yaml.stem) for group in GROUPS for yaml in sorted((CONF / gro
 # predict) or conf/pretrain.yaml (masked-LM pre-training). Options of other groups go with both.
 PRETRAIN = {("data", "text"), ("model", "bert_mlm"), ("model", "core"), ("experiment", "core_small")} | {
     (g, o) for g, o in OPTIONS if g == "arch" or (g == "experiment" and o.startswith("pretrain_"))}
-TASK_ONLY_GROUPS = {"task", "exit_policy", "budget", "eval", "hparams_search"}
+TASK_ONLY_GROUPS = {"task", "exit_policy", "budget", "eval", "serve", "hparams_search"}
 
 
 def primaries(group: str, option: str) -> list[str]:

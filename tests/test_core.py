@@ -17,6 +17,7 @@ from rbert.models.relaxed import expand, set_blend
 from rbert.systems import CoRe
 from tests.test_pretrain import KEEP_STEPS, NO_DROPOUT, pretrain_cli
 from tests.test_relaxed import config, padded_batch, relaxed
+from tests.test_run import run_cli
 
 
 def logits(model, ids, mask):
@@ -152,7 +153,8 @@ def test_export_expands_a_phase1_checkpoint(text_dir, glue_dir, tmp_path):
     pretrain_cli(tmp_path / "run", text_dir, *CORE, "export_dir=null", "logger=none")
     phase1 = tmp_path / "run" / "checkpoints" / "stage1" / "last.ckpt"
     out = tmp_path / "expanded"
-    proc = pretrain_cli(tmp_path / "export", text_dir, "mode=export", f"ckpt_path={phase1}", f"export_dir={out}")
+    # One command for both kinds of checkpoint: the fine-tuning config's mode=export.
+    proc = run_cli(tmp_path / "export", "mode=export", f"ckpt_path={phase1}", f"export_dir={out}", backbone=False)
     assert "phase/stage 1 of 2" in proc.stdout
     from rbert.build import load_system
 
@@ -165,12 +167,10 @@ def test_export_expands_a_phase1_checkpoint(text_dir, glue_dir, tmp_path):
                                    atol=1e-4, rtol=0)
     assert transformers.AutoTokenizer.from_pretrained(out).vocab_size == hf.config.vocab_size
     # ... and fine-tunes like any backbone.
-    from tests.test_run import run_cli
-
     run_cli(tmp_path / "ft", f"backbone={out}", "task=sst2", "model=romebert", f"data_dir={glue_dir}",
             "debug=limit", backbone=False)
     # A fine-tuned checkpoint is not a pre-training one.
     ft = next((tmp_path / "ft" / "checkpoints").glob("*.ckpt"))
     bad = pretrain_cli(tmp_path / "bad", text_dir, "mode=export", f"ckpt_path={ft}", f"export_dir={out}2",
                        check=False)
-    assert bad.returncode == 2 and "not a pre-training checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "is a fine-tuned checkpoint" in bad.stderr

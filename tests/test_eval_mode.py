@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rbert.inference.evaluate import time_in_turns
+from rbert.inference.timing import time_in_turns
 from tests.test_run import run_cli
 
 

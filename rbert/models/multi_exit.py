@@ -94,6 +94,19 @@ class MultiExitBert(nn.Module):
         for head in self.exits:
             bert.init_weights(head.classifier)
 
+    @classmethod
+    def from_classifier(cls, classifier) -> MultiExitBert:
+        """A single-exit model (:class:`~rbert.models.classifier.BertForSequenceClassification`)
+        as a multi-exit one with its final exit only: the same arithmetic (pool, dense + tanh,
+        linear) and the same weights, so deployment has one model type."""
+        num_labels = classifier.classifier.out_features
+        net = cls(classifier.bert, num_labels, [classifier.bert.num_layers], pooling=classifier.pooling,
+                  dropout=classifier.dropout.p)
+        state = {("exits.0." + k if k.startswith("classifier.") else k): v
+                 for k, v in classifier.state_dict().items()}
+        net.load_state_dict(state)
+        return net
+
     @property
     def shared_dense(self) -> nn.Linear:
         return self.pooler.dense if self.pooler is not None else self.bert.pooler_dense

@@ -1,0 +1,104 @@
+"""Deployed early exit vs full depth: the onnxruntime runtime, the PyTorch engine, on SST-2 dev.
+
+For an exported folder (``python run.py mode=export ...``), times four runtimes in turns on
+the same inputs (:func:`rbert.inference.timing.time_in_turns`: each input with each runtime
+in turn, best of ``--repeats``): the ONNX runtime and the PyTorch engine with the exported
+policy, and both at full depth (``exit_policy=none``). At batch size 1 (``--samples``
+dev sentences, each alone) and batched (``--batches`` batches of ``--batch-size``). Beside
+each measured speed-up over full depth: the layer-count speed-up of the same inputs (L /
+mean exit layer), the FLOPs-proportional ideal. Also the dev accuracy of each runtime.
+
+    python bench/deploy_speed.py logs/export_minilm --glue ../shared/data/glue --out logs/deploy_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel  # noqa: E402
+from rbert.inference.policies import NoExit  # noqa: E402
+from rbert.inference.timing import evenly, time_in_turns  # noqa: E402
+from rbert.report import format_table, write_json  # noqa: E402
+
+
+def dev_set(glue: Path) -> tuple[list[str], list[str]]:
+    with open(glue / "SST-2" / "dev.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"] for r in rows], [r["label"] for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="an exported folder (mode=export)")
+    parser.add_argument("--glue", type=Path, default=Path("../shared/data/glue"))
+    parser.add_argument("--samples", type=int, default=200, help="dev sentences timed at batch size 1")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="for both runtimes (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("logs/deploy_speed.json"))
+    args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    models = {"onnx": OnnxEarlyExitModel.from_pretrained(args.folder, threads=threads),
+              "onnx full": OnnxEarlyExitModel.from_pretrained(args.folder, policy=NoExit(), threads=threads),
+              "torch": EarlyExitModel.from_pretrained(args.folder),
+              "torch full": EarlyExitModel.from_pretrained(args.folder, policy=NoExit())}
+    spec = models["onnx"].spec
+    layers = spec.exit_layers[-1]
+    texts, labels = dev_set(args.glue)
+
+    accuracy = {}
+    for name, model in models.items():
+        answers = model.predict(texts, batch_size=args.batch_size)
+        accuracy[name] = 100 * float(np.mean([a["label"] == y for a, y in zip(answers, labels)]))
+        if name == "onnx":
+            mean_exit = float(np.mean([a["exit_layer"] for a in answers]))
+    single = [models["onnx"].encode([texts[i]]) for i in evenly(len(texts), args.samples)]
+    starts = evenly(len(texts) - args.batch_size, args.batches)
+    batched = [models["onnx"].encode(texts[s:s + args.batch_size]) for s in starts]
+
+    rows, started = [], time.time()
+    for bs, inputs in (("1", single), (str(args.batch_size), batched)):
+        def call(model, inputs=inputs):
+            return lambda i: model.run(inputs[i]["input_ids"], inputs[i]["attention_mask"],
+                                       inputs[i].get("token_type_ids"))
+
+        with torch.inference_mode():
+            seconds = time_in_turns({name: call(m) for name, m in models.items()}, len(inputs), args.repeats)
+        exits = np.concatenate([models["onnx"].run(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))[1]
+                                for x in inputs])
+        layer_speedup = layers / float(exits.mean())
+        for name in ("onnx", "torch"):
+            measured = seconds[f"{name} full"] / seconds[name]
+            rows.append({"runtime": name, "batch size": bs, "seconds": seconds[name],
+                         "full depth seconds": seconds[f"{name} full"],
+                         "vs own full depth": measured, "vs torch full depth": seconds["torch full"] / seconds[name],
+                         "layer speed-up": layer_speedup, "measured / layer": measured / layer_speedup,
+                         "onnx / torch time": seconds["onnx"] / seconds["torch"]})
+    print(f"{args.folder}: {spec.objective} on {spec.task}, policy {models['onnx'].policy.describe()}, exits "
+          f"{spec.consulted_exits}; {threads} threads; bs=1 on {len(single)} dev sentences, batched on "
+          f"{len(batched)} batches of {args.batch_size}; best of {args.repeats}, in turns "
+          f"({time.time() - started:.0f} s)")
+    print(format_table(rows, floatfmt="{:.3f}"))
+    print("dev accuracy (all 872): " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+          + f"; mean exit layer {mean_exit:.2f} of {layers}")
+    write_json(args.out, {"folder": str(args.folder), "policy": models["onnx"].policy.describe(),
+                          "onnx": spec.onnx.get("exporter"), "threads": threads, "machine": platform.processor()
+                          or platform.machine(), "rows": rows, "accuracy": accuracy, "mean_exit_layer": mean_exit,
+                          "samples": len(single), "batches": len(batched), "batch_size": args.batch_size})
+
+
+if __name__ == "__main__":
+    main()

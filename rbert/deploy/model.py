@@ -1,0 +1,111 @@
+"""An exported early-exit model in PyTorch, without Hydra or Lightning.
+
+    from rbert.deploy import EarlyExitModel
+    model = EarlyExitModel.from_pretrained("exported/")
+    model.predict(["a gripping, funny film", "dull"])
+    # [{"label": "1", "probabilities": {"0": 0.03, "1": 0.97}, "exit_layer": 2}, ...]
+
+:func:`save` writes such a folder from a multi-exit model (``mode=export`` calls it with a
+fine-tuned checkpoint's model); the family comes back from config.json's ``model_type``
+and the weights load strictly by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rbert.deploy.folder import SECTION, DeploySpec, FolderError, read_spec, write_folder
+from rbert.deploy.predictor import Predictor, folder_policy
+from rbert.inference.engine import EarlyExit
+from rbert.inference.policies import ExitPolicy
+from rbert.models.encoder import write_hf_folder
+from rbert.models.multi_exit import MultiExitBert
+
+ARCHITECTURE = "RbertEarlyExitModel"
+
+
+def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec, onnx: bool = True) -> Path:
+    """Write ``net`` (in eval mode), its tokenizer and ``spec`` as an exported folder, with the
+    ONNX graphs of :mod:`rbert.deploy.onnx_export` unless ``onnx=False``; all or nothing."""
+    net = net.eval()
+
+    def fill(folder: Path) -> None:
+        if onnx:
+            from rbert.deploy.onnx_export import export_onnx
+
+            spec.onnx = export_onnx(net, spec.consulted_exits, folder)
+        config = copy.deepcopy(net.bert.config)
+        if not spec.regression:
+            config.id2label = dict(enumerate(spec.labels))
+            config.label2id = {name: i for i, name in enumerate(spec.labels)}
+        setattr(config, SECTION, asdict(spec))
+        write_hf_folder(folder, config, ARCHITECTURE, dict(net.state_dict()))
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(out, fill)
+
+
+def load_net(folder: str | os.PathLike, spec: DeploySpec) -> MultiExitBert:
+    """The multi-exit model of an exported folder: its family from ``model_type``, weights by name."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from rbert.models.families import FAMILIES
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FolderError(f"{folder / 'config.json'}: {str(err).splitlines()[0]}") from err
+    if config.model_type not in FAMILIES:
+        raise FolderError(f"{folder / 'config.json'}: model_type {config.model_type!r} is not one of "
+                          f"{list(FAMILIES)}")
+    try:
+        net = MultiExitBert(FAMILIES[config.model_type](config), spec.num_labels, spec.exit_layers, spec.style,
+                            spec.pooling)
+    except ValueError as err:
+        raise FolderError(f"{folder / 'config.json'}: {err}") from err
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FolderError(f"{folder}: no model.safetensors")
+    try:
+        net.load_state_dict(load_file(weights))
+    except (RuntimeError, OSError) as err:  # OSError / SafetensorError: a truncated or foreign file
+        raise FolderError(f"{weights}: weights do not fit config.json: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # safetensors' own error type for a corrupt header
+        raise FolderError(f"{weights}: not a readable safetensors file: {err}") from err
+    return net.eval()
+
+
+class EarlyExitModel(Predictor):
+    """The PyTorch early-exit engine (:class:`~rbert.inference.engine.EarlyExit`) on an exported folder."""
+
+    def __init__(self, net: MultiExitBert, tokenizer, spec: DeploySpec, policy: ExitPolicy,
+                 device: str | torch.device = "cpu"):
+        self.net, self.tokenizer, self.spec, self.policy = net.to(device), tokenizer, spec, policy
+        self.device = torch.device(device)
+        policy.check(spec.num_labels, len(spec.consulted_exits))
+        self.engine = EarlyExit(net, policy, self.consulted)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
+                        device: str | torch.device = "cpu") -> EarlyExitModel:
+        """Load an exported folder; ``policy`` replaces the exported one (e.g. ``NoExit()``: full depth)."""
+        from transformers import AutoTokenizer
+
+        spec = read_spec(folder)
+        net = load_net(folder, spec)
+        return cls(net, AutoTokenizer.from_pretrained(folder), spec, folder_policy(spec, policy, str(folder)), device)
+
+    def run(self, input_ids, attention_mask, token_type_ids=None):
+        def tensor(a):
+            return None if a is None else torch.from_numpy(a).to(self.device)
+
+        result = self.engine(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids))
+        return result.logits.float().cpu().numpy(), result.exit_layer.cpu().numpy().astype(np.int64)

@@ -1,0 +1,93 @@
+"""ONNX graphs of a multi-exit model, cut where the runtime may drop samples.
+
+One graph for the embeddings, ``(input_ids[, token_type_ids]) -> hidden``, and one per
+consulted exit, ``(hidden, attention_mask) -> (hidden, logits)``: the layers since the
+previous consulted exit and that exit's head. Between two graphs the runtime has the
+hidden states in hand, so it can answer the samples that leave and run the next graph on
+the others only, as the PyTorch engine does between layers. Batch and sequence axes are
+dynamic. Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), opset
+:data:`OPSET`.
+
+The graphs are built from the encoder interface (``embed``, ``attention_bias``,
+``layers``), so every backbone family exports the same way; ALBERT's shared layer is
+exported once per application.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rbert.models.classifier import pool
+from rbert.models.multi_exit import MultiExitBert
+
+OPSET = 18
+EXPORTER = f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__.split('+')[0]}"
+
+
+class Embeddings(nn.Module):
+    def __init__(self, net: MultiExitBert):
+        super().__init__()
+        self.bert = net.bert
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert.embed(input_ids, token_type_ids)
+
+
+class Segment(nn.Module):
+    """Layers ``first..exit`` (1-based) and the exit after layer ``exit``."""
+
+    def __init__(self, net: MultiExitBert, first: int, exit: int):
+        super().__init__()
+        self.bert, self.first, self.exit = net.bert, first, exit
+        self.head = net.exits[net.exit_layers.index(exit)]
+        self.shared_dense = net.shared_dense
+        self.pooling = net.pooling
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = self.bert.attention_bias(attention_mask)
+        for layer in islice(self.bert.layers, self.first - 1, self.exit):
+            hidden = layer(hidden, bias)
+        return hidden, self.head(pool(hidden, attention_mask, self.pooling), self.shared_dense)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    shapes = tuple({0: batch, 1: seq} for _ in args)
+    # The exporter reports each pass on stdout and warns about optional operator sets
+    # (torchvision's), and onnx_ir logs each pass; an export that fails still raises.
+    for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, verbose=False,
+                          external_data=False)
+
+
+@torch.no_grad()
+def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path) -> dict:
+    """Write ``onnx/embeddings.onnx`` and ``onnx/exit_<layer>.onnx`` for each consulted exit into
+    ``folder``; returns the ``onnx`` section of the folder's config."""
+    net = net.eval()
+    (folder / "onnx").mkdir(parents=True, exist_ok=True)
+    # Example inputs of batch 2, sequence 8: neither 0 nor 1, which torch.export would specialise.
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.ones_like(ids)
+    _export(Embeddings(net), (ids, types), folder / "onnx" / "embeddings.onnx",
+            ["input_ids", "token_type_ids"], ["hidden"])
+    hidden = net.bert.embed(ids, types)
+    segments, first = [], 1
+    for layer in consulted:
+        name = f"onnx/exit_{layer}.onnx"
+        _export(Segment(net, first, layer), (hidden, mask), folder / name, ["hidden", "attention_mask"],
+                ["hidden_out", "logits"])
+        segments.append({"file": name, "first": first, "exit": layer})
+        first = layer + 1
+    return {"opset": OPSET, "exporter": EXPORTER, "embeddings": "onnx/embeddings.onnx", "segments": segments}

@@ -1,0 +1,128 @@
+"""Early exit on onnxruntime: the exported graphs, run segment by segment.
+
+:class:`OnnxEarlyExitModel` runs the embeddings graph, then one exit's graph after another;
+after each it applies the *same policy objects* as the PyTorch engine
+(:mod:`rbert.inference.policies`), answers the samples that leave, drops their rows and
+the padding no remaining row needs, and runs the next graph on the rest.
+
+The graphs run in onnxruntime (the CPU provider by default; any provider by option). The
+policies are written in torch: at batch size 1 they decide on Python floats
+(``decide_one``), batched on ``torch.from_numpy`` views of the logits (no copy). So the
+runtime needs the torch package for a few small tensor operations per exit, never for a
+layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rbert.deploy.folder import DeploySpec, FolderError, read_spec
+from rbert.deploy.predictor import Predictor, folder_policy
+from rbert.inference.engine import take_rows
+from rbert.inference.policies import ExitPolicy
+
+
+class OnnxEarlyExitModel(Predictor):
+    def __init__(self, folder: str | os.PathLike, spec: DeploySpec, tokenizer, policy: ExitPolicy,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
+        policy.check(spec.num_labels, len(spec.consulted_exits))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # Each graph is its own session with its own thread pool. By default idle pool threads
+        # spin after a run, so the pools of the graphs just run steal the cores from the one
+        # running now: at batch size 1 on 2 cores that made full depth 6x slower
+        # (docs/benchmarks.md, section 11). Idle threads sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        folder = Path(folder)
+
+        def session(name: str):
+            path = folder / name
+            if not path.is_file():
+                raise FolderError(f"{folder}: {name} is missing (export with ONNX: mode=export export.onnx=true)")
+            try:
+                return ort.InferenceSession(str(path), options, providers=list(providers))
+            except Exception as err:  # onnxruntime raises its own types for unreadable graphs
+                raise FolderError(f"{path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from err
+
+        onnx = spec.onnx
+        if not onnx.get("segments"):
+            raise FolderError(f"{folder / 'config.json'}: rbert_early_exit.onnx lists no graphs "
+                              "(exported without ONNX)")
+        self.embeddings = session(onnx["embeddings"])
+        self.embedding_inputs = [i.name for i in self.embeddings.get_inputs()]
+        by_exit = {s.exit: s for s in spec.segments}
+        if [s.exit for s in spec.segments] != spec.consulted_exits:
+            raise FolderError(f"{folder / 'config.json'}: rbert_early_exit.onnx.segments do not match "
+                              f"consulted_exits {spec.consulted_exits}")
+        # The graphs to run: one per exit the policy consults. Full depth (NoExit) runs every
+        # graph, since each holds its layers; only the last one's answer counts.
+        self.segments = [(layer, session(by_exit[layer].file)) for layer in spec.consulted_exits]
+        self.last = spec.consulted_exits[-1]
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
+                        providers: Sequence[str] = ("CPUExecutionProvider",),
+                        threads: int | None = None) -> OnnxEarlyExitModel:
+        from transformers import AutoTokenizer
+
+        spec = read_spec(folder)
+        return cls(folder, spec, AutoTokenizer.from_pretrained(folder), folder_policy(spec, policy, str(folder)),
+                   providers, threads)
+
+    def run(self, input_ids, attention_mask, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = np.zeros_like(input_ids)
+        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        hidden = self.embeddings.run(None, {k: feeds[k] for k in self.embedding_inputs})[0]
+        if input_ids.shape[0] == 1:
+            return self._one(hidden, attention_mask)
+        return self._batch(hidden, attention_mask)
+
+    def _one(self, hidden: np.ndarray, mask: np.ndarray):
+        state = self.policy.start_one()
+        for layer, session in self.segments:
+            hidden, logits = session.run(None, {"hidden": hidden, "attention_mask": mask})
+            if layer == self.last:
+                break
+            leave, state = self.policy.decide_one(logits[0].tolist(), layer, state)
+            if leave:
+                break
+        return logits, np.array([layer], dtype=np.int64)
+
+    def _batch(self, hidden: np.ndarray, mask: np.ndarray):
+        batch = hidden.shape[0]
+        state = self.policy.start(batch, torch.device("cpu"))
+        rows = np.arange(batch)
+        out = exit_layer = None
+        for layer, session in self.segments:
+            hidden, logits = session.run(None, {"hidden": hidden, "attention_mask": mask})
+            if out is None:
+                out = np.empty((batch, logits.shape[-1]), dtype=np.float32)
+                exit_layer = np.zeros(batch, dtype=np.int64)
+            if layer == self.last:
+                out[rows], exit_layer[rows] = logits, layer
+                break
+            leave_t, state = self.policy.decide(torch.from_numpy(logits), layer, state)
+            leave = leave_t.numpy()
+            if not leave.any():
+                continue
+            out[rows[leave]], exit_layer[rows[leave]] = logits[leave], layer
+            if leave.all():
+                break
+            keep = ~leave
+            state = take_rows(state, torch.from_numpy(keep))
+            rows, mask = rows[keep], mask[keep]
+            length = int(mask.sum(axis=1).max())  # padding is on the right: cut what no row needs
+            hidden = np.ascontiguousarray(hidden[keep, :length])
+            mask = np.ascontiguousarray(mask[:, :length])
+        return out, exit_layer

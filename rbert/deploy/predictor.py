@@ -1,0 +1,107 @@
+"""What both deployed runtimes share: texts in, tokens, and answers out.
+
+:class:`Predictor` turns texts into the model's inputs exactly as training did (the
+folder's tokenizer, truncation at ``max_length``, right padding) and its outputs into
+answers: the label, every class's probability and the layer each text left at. The
+runtimes (:class:`~rbert.deploy.model.EarlyExitModel` in PyTorch,
+:class:`~rbert.deploy.onnx_runtime.OnnxEarlyExitModel` on onnxruntime) only provide
+:meth:`Predictor.run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from rbert.deploy.folder import DeploySpec, FolderError
+from rbert.inference.policies import ExitPolicy, NoExit, policy_from_dict
+
+Text = str | Sequence[str]  # one text, or a pair for two-text tasks (MRPC, STS-B, MNLI, ...)
+
+
+def folder_policy(spec: DeploySpec, policy: ExitPolicy | dict | None, where: str) -> ExitPolicy:
+    """The policy to run: ``policy`` if given (an object, or a dict as config.json stores one),
+    else the one the folder was exported with."""
+    if isinstance(policy, ExitPolicy):
+        return policy
+    try:
+        return policy_from_dict(policy if policy is not None else spec.policy)
+    except ValueError as err:
+        raise FolderError(f"{where}: rbert_early_exit.policy: {err}") from err
+
+
+class Predictor:
+    """Base class of the deployed runtimes: tokenising, batching and answers."""
+
+    spec: DeploySpec
+    tokenizer: object
+    policy: ExitPolicy
+
+    @property
+    def consulted(self) -> list[int]:
+        """The exits the policy consults: only the final one when it never leaves early."""
+        return self.spec.consulted_exits[-1:] if isinstance(self.policy, NoExit) else self.spec.consulted_exits
+
+    def rows(self, texts: Sequence[Text]) -> list[tuple[str, ...]]:
+        """``texts`` as tuples of the task's fields; a ValueError names the first bad one."""
+        n = len(self.spec.text_fields)
+        rows = []
+        for i, text in enumerate(texts):
+            row = (text,) if isinstance(text, str) else tuple(text) if isinstance(text, (list, tuple)) else None
+            if row is None or len(row) != n or not all(isinstance(t, str) for t in row):
+                want = "a string" if n == 1 else f"a list of {n} strings ({', '.join(self.spec.text_fields)})"
+                raise ValueError(f"texts[{i}]: expected {want}, got {type(text).__name__}")
+            rows.append(row)
+        return rows
+
+    def lengths(self, texts: Sequence[Text]) -> list[int]:
+        """Each text's length in tokens, untruncated (special tokens included)."""
+        rows = self.rows(texts)
+        ids = self.tokenizer(*zip(*rows), truncation=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
+        """int64 arrays ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
+        tokenizer makes them), truncated at ``max_length``, padded on the right."""
+        rows = self.rows(texts)
+        enc = self.tokenizer(*zip(*rows), truncation=True, max_length=self.spec.max_length, padding=True,
+                             return_tensors="np")
+        return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in enc.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            token_type_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (batch, num_labels) float32, exit layer (batch,) int64) of one batch."""
+        raise NotImplementedError
+
+    def answer(self, logits: np.ndarray, exit_layer: np.ndarray) -> list[dict]:
+        out = []
+        for z, layer in zip(logits.astype(np.float64), exit_layer.tolist()):
+            if self.spec.regression:
+                out.append({"score": float(z[0]), "exit_layer": int(layer)})
+                continue
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            out.append({"label": self.spec.labels[int(p.argmax())],
+                        "probabilities": {name: float(v) for name, v in zip(self.spec.labels, p)},
+                        "exit_layer": int(layer)})
+        return out
+
+    def predict(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
+        """Answer every text: ``{"label", "probabilities", "exit_layer"}`` (regression:
+        ``{"score", "exit_layer"}``), in the order given, ``batch_size`` texts at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        answers = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.encode(texts[start:start + batch_size])
+            answers += self.answer(*self.run(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
+        return answers
+
+    def describe(self) -> dict:
+        """What /health and logs report about the model."""
+        return {"task": self.spec.task, "objective": self.spec.objective, "policy": self.policy.describe(),
+                "exits": self.consulted, "labels": self.spec.labels, "max_length": self.spec.max_length,
+                "layers": self.spec.exit_layers[-1]}
+

@@ -1,0 +1,244 @@
+"""An HTTP endpoint for an exported early-exit model (FastAPI + uvicorn).
+
+    python -m rbert.deploy.server exported/ --port 8000        # or: python run.py mode=serve serve.folder=exported/
+    curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"texts": ["a fine film"]}'
+
+* ``POST /predict`` ``{"texts": [text, ...]}`` (a text is a string, or a list of two for
+  pair tasks) answers ``{"predictions": [{"label", "probabilities", "exit_layer"}, ...]}``;
+  ``GET /health`` says what is served.
+* **Micro-batching**: concurrent requests are queued and answered together, up to
+  ``max_batch`` texts or ``max_wait_ms`` after the first one arrived, so batched early exit
+  serves many clients at once; one worker thread runs the model, so the event loop keeps
+  accepting requests meanwhile.
+* **Every request is validated and bounded**: the body's size (413), JSON (400), the field
+  and its types, empty or whitespace texts, too many texts and texts over the model's
+  length (422), each answered with a one-line ``{"error": ...}``. A failure inside the model
+  answers 500 for that request only; the server goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from rbert.deploy.predictor import Predictor
+
+log = logging.getLogger("rbert.serve")
+
+
+@dataclass
+class Limits:
+    max_texts: int = 64             # texts in one request
+    max_request_bytes: int = 1 << 20
+    max_batch: int = 32             # texts the model answers at once
+    max_wait_ms: float = 5.0        # how long the first queued request waits for company
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class MicroBatcher:
+    """Collects concurrent requests into batches of at most ``max_batch`` texts for ``predict``.
+
+    A request is never split; one larger than ``max_batch`` is answered alone. ``predict``
+    runs in a worker thread, one batch at a time.
+    """
+
+    def __init__(self, predict: Callable[[list], list], max_batch: int, max_wait_ms: float):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+        self.stats = {"batches": 0, "texts": 0, "largest": 0}  # model calls and their sizes (/health)
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.worker = asyncio.create_task(self._work())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            with suppress(asyncio.CancelledError):
+                await self.worker
+
+    async def submit(self, texts: list) -> list:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((texts, future))
+        return await future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = None
+        while True:
+            first = pending or await self.queue.get()
+            pending = None
+            group, count = [first], len(first[0])
+            deadline = loop.time() + self.max_wait
+            while count < self.max_batch:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                if count + len(item[0]) > self.max_batch:
+                    pending = item  # it opens the next batch
+                    break
+                group.append(item)
+                count += len(item[0])
+            texts = [t for item, _ in group for t in item]
+            self.stats.update(batches=self.stats["batches"] + 1, texts=self.stats["texts"] + len(texts),
+                              largest=max(self.stats["largest"], len(texts)))
+            try:
+                answers = await loop.run_in_executor(None, self.predict, texts)
+            except Exception as err:  # this batch's requests fail; the worker goes on
+                log.exception("prediction failed")
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            start = 0
+            for item, future in group:
+                if not future.done():
+                    future.set_result(answers[start:start + len(item)])
+                start += len(item)
+
+
+def validate(body: object, model: Predictor, limits: Limits) -> list:
+    """The request's texts, or a :class:`BadRequest` that says what is wrong with it."""
+    if not isinstance(body, dict) or "texts" not in body:
+        raise BadRequest(422, 'expected a JSON object {"texts": [...]}')
+    extra = sorted(set(body) - {"texts"})
+    if extra:
+        raise BadRequest(422, f"unknown field(s) {extra}; the only field is texts")
+    texts = body["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest(422, "texts: expected a non-empty list")
+    if len(texts) > limits.max_texts:
+        raise BadRequest(422, f"texts: {len(texts)} texts; at most {limits.max_texts} a request")
+    try:
+        rows = model.rows(texts)
+    except ValueError as err:
+        raise BadRequest(422, str(err)) from err
+    for i, row in enumerate(rows):
+        if any(not t.strip() for t in row):
+            raise BadRequest(422, f"texts[{i}]: empty or whitespace-only text")
+    for i, length in enumerate(model.lengths(texts)):
+        if length > model.spec.max_length:
+            raise BadRequest(422, f"texts[{i}]: {length} tokens; the model reads at most {model.spec.max_length}")
+    return texts
+
+
+def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    batcher = MicroBatcher(lambda texts: model.predict(texts, batch_size=len(texts)), limits.max_batch,
+                           limits.max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="rbert early exit", lifespan=lifespan)
+    app.state.batcher = batcher
+    started = time.time()
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "uptime_s": round(time.time() - started, 1), **model.describe(),
+                "limits": vars(limits), "batching": batcher.stats}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limits.max_request_bytes):
+            return error(413, f"request body over {limits.max_request_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():  # chunked bodies carry no length: count as they come
+            body += chunk
+            if len(body) > limits.max_request_bytes:
+                return error(413, f"request body over {limits.max_request_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return error(400, f"malformed JSON: {err}")
+        try:
+            texts = validate(data, model, limits)
+        except BadRequest as err:
+            return error(err.status, str(err))
+        try:
+            answers = await batcher.submit(texts)
+        except Exception as err:
+            return error(500, f"prediction failed: {type(err).__name__}: {err}")
+        return {"predictions": answers}
+
+    return app
+
+
+def load(folder: str, runtime: str = "onnx", policy: dict | None = None, providers: Sequence[str] | None = None,
+         threads: int | None = None) -> Predictor:
+    """The model to serve: ``runtime`` onnx (onnxruntime) or torch (the PyTorch engine)."""
+    if runtime == "onnx":
+        from rbert.deploy.onnx_runtime import OnnxEarlyExitModel
+
+        return OnnxEarlyExitModel.from_pretrained(folder, policy, providers or ("CPUExecutionProvider",), threads)
+    if runtime == "torch":
+        import torch
+
+        from rbert.deploy.model import EarlyExitModel
+
+        if threads:
+            torch.set_num_threads(threads)
+        return EarlyExitModel.from_pretrained(folder, policy)
+    raise ValueError(f"runtime must be onnx or torch, got {runtime!r}")
+
+
+def serve(model: Predictor, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+    import uvicorn
+
+    log.info("serving %s on http://%s:%d", model.describe(), host, port)
+    uvicorn.run(create_app(model, limits), host=host, port=port, log_level="warning")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from rbert.deploy.folder import FolderError
+
+    parser = argparse.ArgumentParser(description="Serve an exported rbert early-exit folder over HTTP.")
+    parser.add_argument("folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
+    parser.add_argument("--policy", default=None,
+                        help='JSON policy replacing the exported one, e.g. \'{"name": "none"}\' (full depth)')
+    parser.add_argument("--threads", type=int, default=None)
+    defaults = Limits()
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    try:
+        policy = json.loads(args.policy) if args.policy else None
+        model = load(args.folder, args.runtime, policy, threads=args.threads)
+    except (json.JSONDecodeError, FolderError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    limits = Limits(**{name: getattr(args, name) for name in vars(defaults)})
+    serve(model, args.host, args.port, limits)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main()

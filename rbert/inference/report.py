@@ -1,0 +1,80 @@
+"""The early-exit table ``mode=train`` ends with (``eval.after_train``)."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from rbert.errors import ConfigError
+from rbert.inference.engine import simulate
+from rbert.inference.policies import BudgetExit
+from rbert.inference.prepare import placement
+from rbert.inference.sweep import exit_logits, only, sweep
+from rbert.inference.timing import measure, timing_inputs
+from rbert.models.multi_exit import MultiExitBert
+from rbert.report import format_table
+from rbert.systems.base import TaskSystem
+from rbert.tracking import log_histogram
+
+log = logging.getLogger(__name__)
+
+
+def after_training(cfg: DictConfig, system: TaskSystem, datamodule, loggers: list) -> dict | None:
+    """What early exit buys, on the dev set, right after ``mode=train`` (``eval.after_train``).
+
+    The exit policy's threshold is chosen as the budget policy does: the largest layer-count
+    speed-up within ``eval.max_drop`` metric points of the final exit (``exit_policy=budget``
+    brings its own target). That one point is then timed at batch size 1 and batched, on the
+    bounded samples ``mode=eval`` uses: seconds on a small model, about a minute on MiniLM on
+    2 CPU cores. None for a single-exit model, or a policy that cannot run on this task.
+    """
+    net, trained, task = getattr(system, "net", None), system.trained_exit_layers(), system.task
+    policy = hydra.utils.instantiate(cfg.exit_policy)
+    budget = policy if isinstance(policy, BudgetExit) else None
+    if budget is None and policy.sweep is not None:
+        budget = BudgetExit(policy, max_drop=cfg.eval.max_drop)
+    if not isinstance(net, MultiExitBert) or len(trained) < 2 or budget is None:
+        return None
+    try:
+        budget.check(task.num_labels, len(trained))
+    except ConfigError as err:
+        log.info("no early-exit table: %s", err)
+        return None
+    device, autocast = placement(cfg.eval)
+    system.to(device).eval()
+    logits, labels = exit_logits(system, datamodule.eval_loader(0), device, autocast)
+    logits = only(logits, system.exit_layers, trained)
+    rows = sweep(budget.base, logits, labels, trained, task)
+    chosen = budget.choose(rows)
+    row = next(r for r in rows if r["threshold"] == chosen["threshold"])
+    chosen_policy = budget.base.with_threshold(chosen["threshold"])
+    inputs = timing_inputs(datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
+                           cfg.eval.timing_batches)
+    measured = measure(net, chosen_policy, trained, inputs, device, autocast, cfg.eval.timing_repeats)
+    exit_layer = simulate(chosen_policy, logits, trained).exit_layer
+    summary = {"policy": chosen_policy.describe(), "target": chosen["target"], "met": chosen["met"],
+               "metric": task.monitor, "final": row[task.monitor] + row["drop"] / 100,
+               "early_exit": row[task.monitor], "drop": row["drop"], "mean_exit_layer": row["mean_exit_layer"],
+               "layer_speedup": row["layer_speedup"],
+               "layer_speedup_bs1_samples": trained[-1] / exit_layer[inputs.indices].float().mean().item(),
+               "measured_speedup_bs1": measured["measured_speedup_bs1"],
+               "measured_speedup_batched": measured["measured_speedup_batched"],
+               "timing": f"bs=1 on {len(inputs.single)} dev sentences, batched on {len(inputs.batched)} batches "
+                         f"of {cfg.eval.batch_size}, best of {cfg.eval.timing_repeats}, {device.type}"}
+    log_histogram(loggers, "early_exit/exit_layer", exit_layer.tolist(), summary)
+    return summary
+
+
+def after_training_table(summary: dict) -> str:
+    """The early-exit part of ``mode=train``'s report, as text."""
+    metric = summary["metric"]
+    row = {"policy": summary["policy"], f"final {metric}": summary["final"],
+           f"early-exit {metric}": summary["early_exit"], "drop (points)": summary["drop"],
+           "mean exit layer": summary["mean_exit_layer"], "layer speed-up": summary["layer_speedup"],
+           "bs=1 measured": summary["measured_speedup_bs1"], "batched measured": summary["measured_speedup_batched"]}
+    note = "" if summary["met"] else "  (no threshold meets it: the smallest drop)"
+    return (f"early exit on the dev set, {summary['target']}{note}; speed-ups vs all layers "
+            f"({summary['timing']}):\n{format_table([row], floatfmt='{:.3f}')}")
+

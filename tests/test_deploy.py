@@ -1,0 +1,274 @@
+"""Deployment: the exported folder, the Hydra-free PyTorch loader and the onnxruntime runtime
+agree with the PyTorch early-exit engine, on every policy and every backbone family."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rbert.deploy import DeploySpec, EarlyExitModel, FolderError, OnnxEarlyExitModel, read_spec, save
+from rbert.deploy.folder import write_folder
+from rbert.inference.engine import early_exit
+from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, NoExit, PatienceExit, policy_to_dict
+from rbert.models import MultiExitBert, load_encoder, load_tokenizer
+from tests.backbone_files import FAMILIES, write_family
+from tests.test_inference import padded_batch, tiny_model
+
+POLICIES = [EntropyExit(0.3), EntropyExit(0.6), ConfidenceExit(0.8), PatienceExit(1), PatienceExit(2), FixedExit(2),
+            NoExit()]
+
+
+def spec_for(net: MultiExitBert, consulted=None, policy=None, labels=("a", "b", "c"), fields=("sentence",)):
+    return DeploySpec(task="test", text_fields=list(fields), labels=list(labels), max_length=32,
+                      exit_layers=list(net.exit_layers), trained_exits=list(net.exit_layers),
+                      consulted_exits=list(consulted or net.exit_layers), style=net.style, pooling=net.pooling,
+                      policy=policy_to_dict(policy or EntropyExit(0.3)), objective="RomeBERT")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny 4-layer, 3-class multi-exit model with spread exits, exported with every exit consulted."""
+    net = tiny_model(num_labels=3, pooling="mean")
+    folder = save(tmp_path_factory.mktemp("export") / "model", net, load_tokenizer("tiny"), spec_for(net))
+    return net, folder
+
+
+def numpy_batch():
+    ids, mask, types = padded_batch()
+    return ids.numpy(), mask.numpy(), types.numpy()
+
+
+def expected(net, policy, ids, mask, types, consulted=None):
+    return early_exit(net, policy, torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types),
+                      exit_layers=consulted)
+
+
+def assert_same(runtime, net, policy, consulted=None):
+    """Batched (padding, uneven lengths) and one sample at a time: same exit layers and labels,
+    logits within 1e-4."""
+    ids, mask, types = numpy_batch()
+    want = expected(net, policy, ids, mask, types, consulted)
+    logits, layers = runtime.run(ids, mask, types)
+    assert layers.tolist() == want.exit_layer.tolist(), policy.describe()
+    assert logits.argmax(-1).tolist() == want.logits.argmax(-1).tolist()
+    np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        one_logits, one_layer = runtime.run(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
+        assert one_layer.tolist() == [want.exit_layer[i].item()], (policy.describe(), i)
+        np.testing.assert_allclose(one_logits[0], want.logits[i].numpy(), atol=1e-4, rtol=1e-4)
+    return want.exit_layer
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
+@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+def test_runtime_matches_the_engine_for_every_policy(policy, runtime, exported):
+    net, folder = exported
+    cls = OnnxEarlyExitModel if runtime == "onnx" else EarlyExitModel
+    assert_same(cls.from_pretrained(folder, policy=policy), net, policy)
+
+
+def test_the_parity_above_covers_a_mix_of_exit_layers(exported):
+    net, _ = exported
+    ids, mask, types = numpy_batch()
+    mixes = [expected(net, p, ids, mask, types).exit_layer.unique().numel() for p in POLICIES[:5]]
+    assert max(mixes) >= 3, mixes
+
+
+def test_exported_policy_answers_by_default_and_rows_are_dropped(exported):
+    net, folder = exported
+    assert OnnxEarlyExitModel.from_pretrained(folder).policy.describe() == EntropyExit(0.3).describe()
+    model = OnnxEarlyExitModel.from_pretrained(folder, policy=PatienceExit(1))
+    seen = []
+    for _, session in model.segments:  # count the rows each graph runs on
+        run = session.run
+        session.run = lambda out, feeds, run=run: seen.append(feeds["hidden"].shape[0]) or run(out, feeds)
+    ids, mask, types = numpy_batch()
+    _, layers = model.run(ids, mask, types)
+    assert seen == [int((layers >= n).sum()) for n in range(1, len(seen) + 1)] and seen[-1] < seen[0]
+
+
+def test_pabee_style_with_cls_pooling_and_a_subset_of_exits(tmp_path):
+    torch.manual_seed(0)
+    net = MultiExitBert(load_encoder("tiny"), 2, style="pabee", pooling="cls").eval()
+    with torch.no_grad():
+        for head in net.exits:
+            head.classifier.weight.mul_(40)
+    folder = save(tmp_path / "m", net, load_tokenizer("tiny"), spec_for(net, [2, 4], labels=("n", "y")))
+    assert [s.exit for s in read_spec(folder).segments] == [2, 4]
+    for policy in (PatienceExit(1), EntropyExit(0.5)):
+        layers = assert_same(OnnxEarlyExitModel.from_pretrained(folder, policy=policy), net, policy, [2, 4])
+        assert set(layers.tolist()) <= {2, 4}
+
+
+def test_predict_answers_label_probabilities_and_exit_layer(exported):
+    net, folder = exported
+    texts = ["a fine film", "dull", "the quick brown fox jumps over the lazy dog, twice over", "ok"]
+    onnx = OnnxEarlyExitModel.from_pretrained(folder).predict(texts, batch_size=3)
+    torch_answers = EarlyExitModel.from_pretrained(folder).predict(texts)
+    assert len(onnx) == len(texts)
+    for a, b in zip(onnx, torch_answers):
+        assert set(a) == {"label", "probabilities", "exit_layer"}
+        assert a["label"] == b["label"] == max(a["probabilities"], key=a["probabilities"].get)
+        assert a["exit_layer"] == b["exit_layer"] and 1 <= a["exit_layer"] <= 4
+        assert abs(sum(a["probabilities"].values()) - 1) < 1e-6
+        assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-4 for k in a["probabilities"])
+    with pytest.raises(ValueError, match=r"texts\[1\]: expected a string"):
+        OnnxEarlyExitModel.from_pretrained(folder).predict(["fine", ["a", "pair"]])
+
+
+def test_pairs_and_regression(tmp_path):
+    torch.manual_seed(0)
+    net = MultiExitBert(load_encoder("tiny"), 1).eval()
+    folder = save(tmp_path / "m", net, load_tokenizer("tiny"),
+                  spec_for(net, policy=PatienceExit(2, tolerance=0.5), labels=(), fields=("sentence1", "sentence2")))
+    answers = OnnxEarlyExitModel.from_pretrained(folder).predict([["a man sings", "a person sings"], ["x", "y"]])
+    assert [set(a) for a in answers] == [{"score", "exit_layer"}] * 2
+    with pytest.raises(ValueError, match=r"texts\[0\]: expected a list of 2 strings \(sentence1, sentence2\)"):
+        EarlyExitModel.from_pretrained(folder).predict(["only one"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_exports_and_runs_on_onnxruntime(family, tmp_path):
+    torch.manual_seed(0)
+    net = MultiExitBert(load_encoder(str(write_family(tmp_path, family))), 3, pooling="mean").eval()
+    with torch.no_grad():
+        for head in net.exits:
+            head.classifier.weight.mul_(40)
+    folder = save(tmp_path / "export", net, load_tokenizer("minilm"), spec_for(net, [2, 4]))
+    assert read_spec(folder).consulted_exits == [2, 4]
+    policy = PatienceExit(1)
+    ids, mask, types = numpy_batch()
+    ids = ids * mask  # pad id 0, as the tokenizer pads
+    if family in ("roberta", "xlm-roberta", "distilbert"):  # one token type (DistilBERT: none)
+        types = np.zeros_like(types)
+    want = early_exit(net, policy, *map(torch.from_numpy, (ids, mask, types)), exit_layers=[2, 4])
+    for cls in (OnnxEarlyExitModel, EarlyExitModel):
+        logits, layers = cls.from_pretrained(folder, policy=policy).run(ids, mask, types)
+        assert layers.tolist() == want.exit_layer.tolist(), (family, cls.__name__)
+        np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- the folder is data
+def test_single_exit_classifier_exports_as_its_final_exit(tmp_path):
+    from rbert.models import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    classifier = BertForSequenceClassification(load_encoder("tiny"), 2, pooling="mean").eval()
+    net = MultiExitBert.from_classifier(classifier).eval()
+    ids, mask, types = map(torch.from_numpy, numpy_batch())
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, mask, types)[-1], classifier(ids, mask, types))
+    folder = save(tmp_path / "m", net, load_tokenizer("tiny"), spec_for(net, policy=NoExit(), labels=("n", "y")))
+    logits, layers = OnnxEarlyExitModel.from_pretrained(folder).run(*numpy_batch())
+    assert set(layers.tolist()) == {4}
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, classifier(ids, mask, types).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_is_all_or_nothing(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(FolderError, match="exists and is not an empty folder"):
+        write_folder(tmp_path / "full", lambda folder: None)
+
+    def interrupted(folder):
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(tmp_path / "new", interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no half-written folder, no temporary one
+
+
+def corrupt(folder, tmp_path, edit):
+    """A copy of an exported folder with config.json's rbert section edited."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.pop("rbert_early_exit"), "no rbert_early_exit section"),
+    (lambda c: c["rbert_early_exit"].update(format=9), "format = 9"),
+    (lambda c: c["rbert_early_exit"].update(consulted_exits=[3, 2]), "consulted_exits = \\[3, 2\\]"),
+    (lambda c: c["rbert_early_exit"].update(consulted_exits=[1, 2]), "must end with the final exit"),
+    (lambda c: c["rbert_early_exit"].update(max_length="long"), "max_length = 'long'"),
+    (lambda c: c["rbert_early_exit"].update(policy={"name": "os.system", "command": "true"}),
+     "policy: policy name 'os.system' is not one of"),
+    (lambda c: c["rbert_early_exit"].update(policy={"_target_": "os.system", "name": "entropy", "x": 1}),
+     "policy: policy entropy: .*unexpected keyword"),
+    (lambda c: c.update(model_type="gpt2"), "model_type|gpt2"),
+], ids=["no-section", "format", "order", "final", "type", "unknown-policy", "target", "family"])
+def test_bad_folders_are_refused_in_one_line(edit, message, exported, tmp_path):
+    _, folder = exported
+    copy = corrupt(folder, tmp_path, edit)
+    # The ONNX runtime never builds the PyTorch model, so the family matters to the other only.
+    for cls in (EarlyExitModel,) if "model_type" in message else (EarlyExitModel, OnnxEarlyExitModel):
+        with pytest.raises((FolderError, ValueError), match=message) as err:
+            cls.from_pretrained(copy)
+        assert "\n" not in str(err.value)
+
+
+def test_unreadable_files_are_refused(exported, tmp_path):
+    import shutil
+
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(FolderError, match="config.json: not valid JSON"):
+        EarlyExitModel.from_pretrained(copy)
+    shutil.copy(folder / "config.json", copy / "config.json")
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FolderError, match="model.safetensors"):
+        EarlyExitModel.from_pretrained(copy)
+    (copy / "onnx" / "exit_2.onnx").write_bytes(b"garbage")
+    with pytest.raises(FolderError, match="exit_2.onnx: onnxruntime cannot load it"):
+        OnnxEarlyExitModel.from_pretrained(copy)
+
+
+def test_deploy_imports_neither_lightning_nor_hydra():
+    code = ("import sys, rbert.deploy, rbert.deploy.server; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'pytorch_lightning', 'lightning', 'hydra', "
+            "'omegaconf'}); print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_minilm_on_real_sst2_dev(shared_glue, tmp_path):
+    """MiniLM with (untrained, spread) exits after every layer, on the real SST-2 dev sentences:
+    the ONNX runtime and the Hydra-free loader answer as the PyTorch engine does."""
+    from bench.deploy_speed import dev_set
+
+    torch.manual_seed(0)
+    net = MultiExitBert(load_encoder("minilm"), 2, pooling="mean").eval()
+    with torch.no_grad():
+        for head in net.exits:
+            head.classifier.weight.mul_(40)
+    spec = spec_for(net, policy=PatienceExit(1), labels=("0", "1"))
+    spec.max_length = 128
+    folder = save(tmp_path / "m", net, load_tokenizer("minilm"), spec)
+    texts, _ = dev_set(shared_glue)
+    onnx, engine = OnnxEarlyExitModel.from_pretrained(folder), EarlyExitModel.from_pretrained(folder)
+    for bs in (32, 1):
+        for start in range(0, 256 if bs > 1 else 32, bs):
+            enc = onnx.encode(texts[start:start + bs])
+            args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+            want = early_exit(net, onnx.policy, *map(torch.from_numpy, args))
+            for runtime in (onnx, engine):
+                logits, layers = runtime.run(*args)
+                assert layers.tolist() == want.exit_layer.tolist()
+                np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)

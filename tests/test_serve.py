@@ -1,0 +1,226 @@
+"""mode=export end to end, and the HTTP endpoint: answers, micro-batching, and a clear 4xx for
+every kind of bad request (never a crash)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, read_spec
+from rbert.deploy.server import Limits, MicroBatcher, create_app
+from tests.test_eval_mode import romebert_ckpt  # noqa: F401  (a module fixture: a tiny fine-tuned RomeBERT)
+from tests.test_run import run_cli
+
+
+@pytest.fixture(scope="module")
+def exported_run(romebert_ckpt, glue_dir, tmp_path_factory):  # noqa: F811
+    """``mode=export`` of the tiny RomeBERT checkpoint, the threshold chosen by a budget on the dev set."""
+    out = tmp_path_factory.mktemp("exported")
+    proc = run_cli(out / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={out / 'model'}",
+                   "exit_policy=budget", "exit_policy.max_drop=5", f"data_dir={glue_dir}")
+    return out / "model", proc
+
+
+def test_export_writes_a_folder_with_the_chosen_policy(exported_run, romebert_ckpt, glue_dir, tmp_path):  # noqa: F811
+    folder, proc = exported_run
+    assert "early-exit model written to" in proc.stdout
+    spec = read_spec(folder)
+    assert spec.objective == "RomeBERT" and spec.task == "sst2" and spec.labels == ["0", "1"]
+    assert spec.policy["name"] == "entropy" and spec.policy_choice["target"] == "budget(entropy, drop<=5)"
+    assert spec.policy["threshold"] == spec.policy_choice["threshold"]
+    assert [s.exit for s in spec.segments] == spec.consulted_exits == spec.trained_exits
+    assert {"model.safetensors", "config.json", "tokenizer.json", "onnx"} <= {p.name for p in folder.iterdir()}
+    # The exported folder answers as mode=predict does with that policy.
+    texts = tmp_path / "texts.txt"
+    sentences = ["a fine , moving film", "dull and lifeless", "it 's not bad", "an utter mess of a movie"]
+    texts.write_text("\n".join(sentences) + "\n")
+    threshold = spec.policy["threshold"]
+    run_cli(tmp_path / "pred", "mode=predict", f"ckpt_path={romebert_ckpt}", f"predict.input={texts}",
+            f"exit_policy.threshold={threshold}", f"data_dir={glue_dir}")
+    rows = [line.split("\t") for line in (tmp_path / "pred" / "predictions.tsv").read_text().splitlines()[1:]]
+    for cls in (EarlyExitModel, OnnxEarlyExitModel):
+        answers = cls.from_pretrained(folder).predict(sentences)
+        assert [a["label"] for a in answers] == [r[1] for r in rows], cls.__name__
+        assert [a["exit_layer"] for a in answers] == [int(r[3]) for r in rows], cls.__name__
+
+
+def test_export_refuses_a_used_folder_and_bad_options(exported_run, romebert_ckpt, tmp_path):  # noqa: F811
+    folder, _ = exported_run
+    proc = run_cli(tmp_path / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={folder}", check=False)
+    assert proc.returncode == 2 and "error: export_dir: " in proc.stderr and "is not an empty folder" in proc.stderr
+    proc = run_cli(tmp_path / "run2", "mode=export", f"ckpt_path={romebert_ckpt}", "--config-name", "pretrain",
+                   backbone=False, check=False)
+    assert proc.returncode == 2 and "is a fine-tuned checkpoint" in proc.stderr
+
+
+def test_single_exit_checkpoint_exports(glue_dir, tmp_path):
+    run_cli(tmp_path / "bert", "model=bert", f"data_dir={glue_dir}", "trainer.max_epochs=1", "logger=none",
+            "test=false", "eval.after_train=false")
+    run_cli(tmp_path / "exp", "mode=export", f"ckpt_path={tmp_path / 'bert' / 'checkpoints' / 'best.ckpt'}",
+            f"export_dir={tmp_path / 'model'}", "export_onnx=false")
+    spec = read_spec(tmp_path / "model")
+    assert spec.exit_layers == spec.consulted_exits == [4] and spec.policy == {"name": "none"} and not spec.onnx
+    answers = EarlyExitModel.from_pretrained(tmp_path / "model").predict(["fine", "bad"])
+    assert [a["exit_layer"] for a in answers] == [4, 4]
+
+
+# ---------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def client(exported_run):
+    folder, _ = exported_run
+    app = create_app(OnnxEarlyExitModel.from_pretrained(folder), Limits(max_texts=4, max_request_bytes=2000,
+                                                                        max_batch=8, max_wait_ms=20))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_health_and_predict(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["task"] == "sst2" and health["policy"].startswith("entropy")
+    r = client.post("/predict", json={"texts": ["a fine film", "dull"]})
+    assert r.status_code == 200
+    answers = r.json()["predictions"]
+    assert len(answers) == 2 and all(set(a) == {"label", "probabilities", "exit_layer"} for a in answers)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"{not json", 400, "malformed JSON"),
+    (b"\xff\xfe", 400, "malformed JSON"),
+    (b"[1, 2]", 422, 'expected a JSON object {"texts"'),
+    (b'{"text": ["a"]}', 422, 'expected a JSON object {"texts"'),
+    (b'{"texts": ["a"], "extra": 1}', 422, "unknown field"),
+    (b'{"texts": "a film"}', 422, "texts: expected a non-empty list"),
+    (b'{"texts": []}', 422, "texts: expected a non-empty list"),
+    (b'{"texts": ["a", 3]}', 422, r"texts\[1\]: expected a string, got int"),
+    (b'{"texts": [["a", "b"]]}', 422, r"texts\[0\]: expected a string, got list"),
+    (b'{"texts": ["fine", "   "]}', 422, r"texts\[1\]: empty or whitespace-only"),
+    (b'{"texts": ["a", "b", "c", "d", "e"]}', 422, "5 texts; at most 4"),
+    (json.dumps({"texts": ["word " * 200]}).encode(), 422, r"texts\[0\]: \d+ tokens; the model reads at most 128"),
+    (json.dumps({"texts": ["x" * 3000]}).encode(), 413, "request body over 2000 bytes"),
+])
+def test_bad_requests_get_a_clear_4xx(client, body, status, message):
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"}
+    import re
+
+    assert re.search(message, r.json()["error"]), r.json()
+    assert client.get("/health").status_code == 200  # still up
+
+
+def test_a_body_without_length_is_bounded_too(client):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 100
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_a_failing_model_answers_500_and_the_server_goes_on(exported_run):
+    folder, _ = exported_run
+    model = OnnxEarlyExitModel.from_pretrained(folder)
+    real = model.predict
+    model.predict = lambda texts, batch_size=32: (_ for _ in ()).throw(RuntimeError("boom")) \
+        if texts[0] == "fail" else real(texts, batch_size)
+    with TestClient(create_app(model, Limits(max_wait_ms=0))) as c:
+        r = c.post("/predict", json={"texts": ["fail"]})
+        assert r.status_code == 500 and "boom" in r.json()["error"]
+        assert c.post("/predict", json={"texts": ["fine"]}).status_code == 200
+
+
+def test_concurrent_requests_are_answered_together(exported_run):
+    folder, _ = exported_run
+    with TestClient(create_app(OnnxEarlyExitModel.from_pretrained(folder), Limits(max_batch=8,
+                                                                                    max_wait_ms=200))) as c:
+        results = {}
+
+        def ask(i):
+            results[i] = c.post("/predict", json={"texts": [f"sentence number {i}"]})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status_code == 200 for r in results.values()) and len(results) == 6
+        stats = c.get("/health").json()["batching"]
+        assert stats["texts"] == 6 and stats["largest"] > 1 and stats["batches"] < 6, stats
+
+
+def test_micro_batcher_caps_batches_and_keeps_request_order():
+    calls = []
+
+    def predict(texts):
+        calls.append(list(texts))
+        time.sleep(0.01)
+        return [t.upper() for t in texts]
+
+    async def main():
+        batcher = MicroBatcher(predict, max_batch=4, max_wait_ms=50)
+        await batcher.start()
+        requests = [["a"], ["b", "c"], ["d"], ["e", "f", "g"], ["h"], ["i", "j", "k", "l", "m"]]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.stop()
+        return requests, answers
+
+    requests, answers = asyncio.run(main())
+    assert answers == [[t.upper() for t in r] for r in requests]
+    assert all(len(c) <= 4 for c in calls if len(c) != 5)  # only the 5-text request is over the cap, alone
+    assert [len(c) for c in calls if len(c) > 4] == [5] and len(calls) < len(requests)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_mode_runs_uvicorn_with_a_policy_override(exported_run, tmp_path):
+    """``python run.py mode=serve`` for real: uvicorn on loopback, ``exit_policy=none`` forcing full depth."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx2
+
+    from tests.test_run import REPO
+
+    folder, _ = exported_run
+    port = free_port()
+    cmd = [sys.executable, "run.py", "mode=serve", f"serve.folder={folder}", f"serve.port={port}",
+           "exit_policy=none", f"hydra.run.dir={tmp_path / 'serve'}"]
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                health = httpx2.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx2.TransportError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()
+                time.sleep(0.5)
+        assert health["policy"] == "none" and health["exits"] == [4]
+        r = httpx2.post(f"http://127.0.0.1:{port}/predict", json={"texts": ["fine", "bad"]}, timeout=10)
+        assert [a["exit_layer"] for a in r.json()["predictions"]] == [4, 4]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "serve.folder: mode=serve needs an exported folder"),
+    (["serve.folder=/nonexistent"], "serve.folder: /nonexistent: no config.json"),
+    (["serve.folder=/nonexistent", "exit_policy=budget"], "exit_policy: a budget's threshold is chosen"),
+])
+def test_serve_mode_bad_input(overrides, message, tmp_path):
+    proc = run_cli(tmp_path / "s", "mode=serve", *overrides, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
