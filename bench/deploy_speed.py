@@ -1,9 +1,12 @@
 """Deployed early exit vs full depth: the onnxruntime runtime, the PyTorch engine, on SST-2 dev.
 
-For an exported folder (``python run.py mode=export ...``), times four runtimes in turns on
-the same inputs (:func:`rbert.inference.timing.time_in_turns`: each input with each runtime
-in turn, best of ``--repeats``): the ONNX runtime and the PyTorch engine with the exported
-policy, and both at full depth (``exit_policy=none``). At batch size 1 (``--samples``
+For an exported folder (``python run.py mode=export ...``), times four runtimes on the same
+inputs: the ONNX runtime and the PyTorch engine with the exported policy, and both at full
+depth (``exit_policy=none``), each runtime in turns with its own full depth
+(:func:`rbert.inference.timing.time_in_turns`: each input with each in turn, best of
+``--repeats``). Full depth on onnxruntime is measured twice: running every exit's graph
+(heads included) and as the plain model without early exit (one graph of all layers and the
+final exit); the speed-ups are over the plain one. At batch size 1 (``--samples``
 dev sentences, each alone) and batched (``--batches`` batches of ``--batch-size``). Beside
 each measured speed-up over full depth: the layer-count speed-up of the same inputs (L /
 mean exit layer), the FLOPs-proportional ideal. Also the dev accuracy of each runtime.
@@ -15,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel  # noqa: E402
+from rbert.deploy.onnx_export import export_full_depth  # noqa: E402
 from rbert.inference.policies import NoExit  # noqa: E402
 from rbert.inference.timing import evenly, time_in_turns  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
@@ -57,6 +64,14 @@ def main() -> None:
               "torch full": EarlyExitModel.from_pretrained(args.folder, policy=NoExit())}
     spec = models["onnx"].spec
     layers = spec.exit_layers[-1]
+    # "onnx full" runs every exit's graph, heads included; "onnx plain" is the model without
+    # early exit: the embeddings graph, then one graph of all layers and the final exit.
+    plain = Path(tempfile.mkdtemp(prefix="rbert_plain_"))
+    export_full_depth(models["torch"].net, plain / "full.onnx")
+    plain_spec = dataclasses.replace(spec, consulted_exits=[layers], onnx={
+        **spec.onnx, "embeddings": str(args.folder.resolve() / spec.onnx["embeddings"]),
+        "segments": [{"file": "full.onnx", "first": 1, "exit": layers}]})
+    models["onnx plain"] = OnnxEarlyExitModel(plain, plain_spec, models["onnx"].tokenizer, NoExit(), threads=threads)
     texts, labels = dev_set(args.glue)
 
     accuracy = {}
@@ -75,18 +90,25 @@ def main() -> None:
             return lambda i: model.run(inputs[i]["input_ids"], inputs[i]["attention_mask"],
                                        inputs[i].get("token_type_ids"))
 
+        # Each library against itself: torch's OpenMP threads spin for a while after a call, so
+        # a graph timed right after a torch call finds the cores taken (docs/benchmarks.md,
+        # section 11); in one rotation with all four, "onnx" always came right after "torch full".
+        seconds = {}
         with torch.inference_mode():
-            seconds = time_in_turns({name: call(m) for name, m in models.items()}, len(inputs), args.repeats)
+            for group in (("onnx", "onnx full", "onnx plain"), ("torch", "torch full")):
+                seconds |= time_in_turns({name: call(models[name]) for name in group}, len(inputs), args.repeats)
         exits = np.concatenate([models["onnx"].run(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))[1]
                                 for x in inputs])
         layer_speedup = layers / float(exits.mean())
-        for name in ("onnx", "torch"):
-            measured = seconds[f"{name} full"] / seconds[name]
+        for name, baseline in (("onnx", "onnx plain"), ("torch", "torch full")):
+            measured = seconds[baseline] / seconds[name]
             rows.append({"runtime": name, "batch size": bs, "seconds": seconds[name],
-                         "full depth seconds": seconds[f"{name} full"],
-                         "vs own full depth": measured, "vs torch full depth": seconds["torch full"] / seconds[name],
+                         "every exit's graph seconds": seconds["onnx full"] if name == "onnx" else None,
+                         "plain full depth seconds": seconds[baseline], "vs plain full depth": measured,
+                         "vs torch full depth": seconds["torch full"] / seconds[name],
                          "layer speed-up": layer_speedup, "measured / layer": measured / layer_speedup,
                          "onnx / torch time": seconds["onnx"] / seconds["torch"]})
+    shutil.rmtree(plain, ignore_errors=True)
     print(f"{args.folder}: {spec.objective} on {spec.task}, policy {models['onnx'].policy.describe()}, exits "
           f"{spec.consulted_exits}; {threads} threads; bs=1 on {len(single)} dev sentences, batched on "
           f"{len(batched)} batches of {args.batch_size}; best of {args.repeats}, in turns "

@@ -1,10 +1,11 @@
 """A load test of ``rbert.deploy.server`` on loopback: early exit vs the same server at full depth.
 
-Starts the server on 127.0.0.1 (a free port) once with the exported policy and once with
-``{"name": "none"}``; at each concurrency (``--concurrency``, default 1, 8, 32) that many
-clients send SST-2 dev sentences, one a request, until ``--requests`` are answered or
-``--seconds`` pass (it stops by itself). Reports every request's status, p50 / p99 latency,
-throughput, the mean exit layer answered, and the server's micro-batch sizes.
+Starts two servers on 127.0.0.1 (free ports), one with the exported policy and one with
+``{"name": "none"}``. At each concurrency (``--concurrency``, default 1, 8, 32) that many
+clients send SST-2 dev sentences, one a request, to one server until ``--requests`` are
+answered or ``--seconds`` pass (it stops by itself), then to the other; ``--rounds`` times,
+the order alternating. Reports every request's status, p50 / p99 latency, throughput, the
+mean exit layer answered, and the server's micro-batch sizes.
 
     python bench/serve_load.py logs/export_minilm --glue ../shared/data/glue --out logs/serve_load.json
 """
@@ -18,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +44,10 @@ def start_server(folder: Path, port: int, policy: str | None, runtime: str, max_
 
     cmd = [sys.executable, "-m", "rbert.deploy.server", str(folder), "--port", str(port), "--runtime", runtime,
            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)] + (["--policy", policy] if policy else [])
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the server); a pipe nobody reads would block it
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    server.log = log
     deadline = time.time() + 180
     while True:
         try:
@@ -52,7 +56,8 @@ def start_server(folder: Path, port: int, policy: str | None, runtime: str, max_
         except httpx2.TransportError as err:
             if server.poll() is not None or time.time() > deadline:
                 server.kill()
-                raise SystemExit(f"server did not start: {server.stderr.read()[-2000:]}") from err
+                log.seek(0)
+                raise SystemExit(f"server did not start: {log.read()[-2000:]}") from err
             time.sleep(0.5)
 
 
@@ -86,10 +91,7 @@ async def load(port: int, texts: list[str], concurrency: int, requests: int, sec
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {"answered": len(latencies), "failed": statuses, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall,
-            "mean_exit_layer": float(np.mean(exits)), "seconds": wall}
+    return {"latencies_ms": [1000 * x for x in latencies], "failed": statuses, "exits": exits, "seconds": wall}
 
 
 def main() -> None:
@@ -97,8 +99,9 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--glue", type=Path, default=Path("../shared/data/glue"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
-    parser.add_argument("--seconds", type=float, default=60, help="per concurrency level, at most")
+    parser.add_argument("--requests", type=int, default=200, help="per server, concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=2, help="per concurrency level, the servers' order alternating")
+    parser.add_argument("--seconds", type=float, default=60, help="per server, concurrency level and round, at most")
     parser.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -107,28 +110,64 @@ def main() -> None:
     import httpx2
 
     texts, _ = dev_set(args.glue)
-    rows = []
-    for label, policy in (("early exit", None), ("full depth", json.dumps({"name": "none"}))):
-        port = free_port()
-        server = start_server(args.folder, port, policy, args.runtime, args.max_batch, args.max_wait_ms)
-        try:
-            for c in args.concurrency:
-                before = httpx2.get(f"http://127.0.0.1:{port}/health").json()["batching"]
-                result = asyncio.run(load(port, texts, c, args.requests, args.seconds))
-                after = httpx2.get(f"http://127.0.0.1:{port}/health").json()["batching"]
-                result["mean_batch"] = (after["texts"] - before["texts"]) / max(1, after["batches"] - before["batches"])
-                rows.append({"server": label, "concurrency": c, **result})
-                print(f"{label}, concurrency {c}: {result['answered']} answered, p50 {result['p50_ms']:.1f} ms, "
-                      f"p99 {result['p99_ms']:.1f} ms, {result['throughput_rps']:.1f} req/s", flush=True)
-        finally:
+    # Both servers run from the start (an idle one sleeps: its threads do not spin) and take
+    # turns at each concurrency, early exit first in one round and full depth first in the
+    # next, so a slow spell of the machine does not fall on one of them only.
+    servers = {}
+    try:
+        for label, policy in (("early exit", None), ("full depth", json.dumps({"name": "none"}))):
+            port = free_port()
+            servers[label] = (port, start_server(args.folder, port, policy, args.runtime, args.max_batch,
+                                                 args.max_wait_ms))
+        rows = []
+        for c in args.concurrency:
+            runs = {label: [] for label in servers}
+            for r in range(args.rounds):
+                for label in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    port = servers[label][0]
+                    before = httpx2.get(f"http://127.0.0.1:{port}/health").json()["batching"]
+                    result = asyncio.run(load(port, texts, c, args.requests, args.seconds))
+                    after = httpx2.get(f"http://127.0.0.1:{port}/health").json()["batching"]
+                    result["batches"] = after["batches"] - before["batches"]
+                    result["texts"] = after["texts"] - before["texts"]
+                    runs[label].append(result)
+            for label, results in runs.items():
+                row = summarise(label, c, results)
+                rows.append(row)
+                print(f"{label}, concurrency {c}: {row['answered']} answered, p50 {row['p50_ms']:.1f} ms, "
+                      f"p99 {row['p99_ms']:.1f} ms, {row['throughput_rps']:.1f} req/s", flush=True)
+    finally:
+        for label, (_, server) in servers.items():
             server.terminate()
             server.wait(timeout=30)
+            server.log.seek(0)
+            errors = [line for line in server.log.read().splitlines() if "Error" in line or "failed" in line]
+            server.log.close()
+            if errors:  # what a failed request's 500 was
+                print(f"{label} server logged {len(errors)} error lines, the last: {errors[-3:]}")
     for row in rows:
         full = next(r for r in rows if r["server"] == "full depth" and r["concurrency"] == row["concurrency"])
         row["throughput vs full depth"] = row["throughput_rps"] / full["throughput_rps"]
     print(format_table([{k: v for k, v in r.items() if k != "seconds"} for r in rows], floatfmt="{:.2f}"))
     write_json(args.out, {"folder": str(args.folder), "runtime": args.runtime, "max_batch": args.max_batch,
-                          "max_wait_ms": args.max_wait_ms, "requests": args.requests, "rows": rows})
+                          "max_wait_ms": args.max_wait_ms, "requests": args.requests, "rounds": args.rounds,
+                          "rows": rows})
+
+
+def summarise(label: str, concurrency: int, results: list[dict]) -> dict:
+    """One row from a server's rounds at one concurrency: latencies pooled, throughput over their time."""
+    ms = np.concatenate([r["latencies_ms"] for r in results])
+    failed: dict = {}
+    for r in results:
+        for status, n in r["failed"].items():
+            failed[status] = failed.get(status, 0) + n
+    wall = sum(r["seconds"] for r in results)
+    return {"server": label, "concurrency": concurrency, "answered": len(ms), "failed": failed,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "throughput_rps": len(ms) / wall, "mean_exit_layer": float(np.mean(np.concatenate(
+                [r["exits"] for r in results]))),
+            "mean_batch": sum(r["texts"] for r in results) / max(1, sum(r["batches"] for r in results)),
+            "seconds": wall}
 
 
 if __name__ == "__main__":

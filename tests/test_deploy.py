@@ -209,7 +209,15 @@ def corrupt(folder, tmp_path, edit):
     (lambda c: c["rbert_early_exit"].update(policy={"_target_": "os.system", "name": "entropy", "x": 1}),
      "policy: policy entropy: .*unexpected keyword"),
     (lambda c: c.update(model_type="gpt2"), "model_type|gpt2"),
-], ids=["no-section", "format", "order", "final", "type", "unknown-policy", "target", "family"])
+    (lambda c: c["rbert_early_exit"].update(labels=["a", "a", "b"]), "distinct class names"),
+    (lambda c: c["rbert_early_exit"]["onnx"].update(embeddings="../../etc/passwd"),
+     "onnx.embeddings = '../../etc/passwd': expected a file name inside the folder"),
+    (lambda c: c["rbert_early_exit"]["onnx"]["segments"][1].update(file="/tmp/x.onnx"), "segments\\[1\\].file"),
+    (lambda c: c["rbert_early_exit"]["onnx"]["segments"][1].update(first=1), "expected the graph after layer 1"),
+    (lambda c: c["rbert_early_exit"]["onnx"]["segments"].pop(), "segments end at layers \\[1, 2, 3\\]"),
+    (lambda c: c["rbert_early_exit"]["onnx"].pop("segments"), "onnx.segments = None"),
+], ids=["no-section", "format", "order", "final", "type", "unknown-policy", "target", "family", "labels",
+        "onnx-escape", "onnx-absolute", "onnx-ranges", "onnx-missing-exit", "onnx-no-segments"])
 def test_bad_folders_are_refused_in_one_line(edit, message, exported, tmp_path):
     _, folder = exported
     copy = corrupt(folder, tmp_path, edit)
@@ -237,6 +245,10 @@ def test_unreadable_files_are_refused(exported, tmp_path):
     (copy / "onnx" / "exit_2.onnx").write_bytes(b"garbage")
     with pytest.raises(FolderError, match="exit_2.onnx: onnxruntime cannot load it"):
         OnnxEarlyExitModel.from_pretrained(copy)
+    # config.json saying 2 labels for graphs that answer 3 logits
+    edited = corrupt(folder, tmp_path / "labels", lambda c: c["rbert_early_exit"].update(labels=["x", "y"]))
+    with pytest.raises(FolderError, match="exit_1.onnx: answers 3 logits; config.json has 2 labels"):
+        OnnxEarlyExitModel.from_pretrained(edited)
 
 
 def test_deploy_imports_neither_lightning_nor_hydra():
@@ -272,3 +284,38 @@ def test_minilm_on_real_sst2_dev(shared_glue, tmp_path):
                 logits, layers = runtime.run(*args)
                 assert layers.tolist() == want.exit_layer.tolist()
                 np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_one_model_is_safe_to_call_from_several_threads(exported):
+    """The server checks lengths on its event loop while a worker thread encodes a batch: both
+    use the one tokenizer, which Hugging Face's fast tokenizers do not allow at once
+    ("Already borrowed"), so the runtimes must serialise it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, folder = exported
+    model = OnnxEarlyExitModel.from_pretrained(folder)
+    texts = ["a fine film", "the quick brown fox jumps over the lazy dog, twice over", "ok"] * 4
+
+    def work(i: int):
+        return model.lengths(texts) if i % 2 else model.predict(texts, batch_size=5)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, range(400)))
+    assert all(r == results[1] for r in results[1::2])
+    assert all([a["label"] for a in r] == [a["label"] for a in results[0]] for r in results[::2])
+
+
+def test_full_depth_graph_answers_like_the_final_exit(exported, tmp_path):
+    """The plain baseline of bench/deploy_speed.py: every layer and the final exit in one graph."""
+    import onnxruntime as ort
+
+    from rbert.deploy.onnx_export import export_full_depth
+
+    net, folder = exported
+    export_full_depth(net, tmp_path / "full.onnx")
+    ids, mask, types = numpy_batch()
+    embed = ort.InferenceSession(str(folder / "onnx" / "embeddings.onnx"))
+    hidden = embed.run(None, {"input_ids": ids, "token_type_ids": types})[0]
+    logits = ort.InferenceSession(str(tmp_path / "full.onnx")).run(None, {"hidden": hidden, "attention_mask": mask})[1]
+    result = expected(net, NoExit(), ids, mask, types)
+    np.testing.assert_allclose(logits, result.logits.numpy(), atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, read_spec
-from rbert.deploy.server import Limits, MicroBatcher, create_app
+from rbert.deploy.server import BadRequest, Limits, MicroBatcher, create_app
 from tests.test_eval_mode import romebert_ckpt  # noqa: F401  (a module fixture: a tiny fine-tuned RomeBERT)
 from tests.test_run import run_cli
 
@@ -102,6 +102,9 @@ def test_health_and_predict(client):
     (b'{"texts": ["a", "b", "c", "d", "e"]}', 422, "5 texts; at most 4"),
     (json.dumps({"texts": ["word " * 200]}).encode(), 422, r"texts\[0\]: \d+ tokens; the model reads at most 128"),
     (json.dumps({"texts": ["x" * 3000]}).encode(), 413, "request body over 2000 bytes"),
+    (b"[" * 1500, 400, "malformed JSON: maximum recursion depth"),
+    (b'{"texts": ["\\ud800 film"]}', 422, r"texts\[0\]: not valid Unicode \(surrogates not allowed\)"),
+    (b'{"texts": null}', 422, "texts: expected a non-empty list"),
 ])
 def test_bad_requests_get_a_clear_4xx(client, body, status, message):
     r = client.post("/predict", content=body, headers={"content-type": "application/json"})
@@ -111,6 +114,14 @@ def test_bad_requests_get_a_clear_4xx(client, body, status, message):
 
     assert re.search(message, r.json()["error"]), r.json()
     assert client.get("/health").status_code == 200  # still up
+
+
+def test_an_integer_too_long_for_python_is_malformed_json(exported_run):
+    folder, _ = exported_run
+    with TestClient(create_app(OnnxEarlyExitModel.from_pretrained(folder))) as c:
+        r = c.post("/predict", content=b'{"texts": [' + b"9" * 5000 + b"]}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON: Exceeds the limit"), r.text
 
 
 def test_a_body_without_length_is_bounded_too(client):
@@ -132,6 +143,62 @@ def test_a_failing_model_answers_500_and_the_server_goes_on(exported_run):
         r = c.post("/predict", json={"texts": ["fail"]})
         assert r.status_code == 500 and "boom" in r.json()["error"]
         assert c.post("/predict", json={"texts": ["fine"]}).status_code == 200
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch(exported_run):
+    folder, _ = exported_run
+    model = OnnxEarlyExitModel.from_pretrained(folder)
+    real = model.predict
+
+    def predict(texts, batch_size=32):
+        if "fail" in texts:
+            raise RuntimeError("boom")
+        return real(texts, batch_size)
+
+    model.predict = predict
+    with TestClient(create_app(model, Limits(max_batch=8, max_wait_ms=300))) as c:
+        results = {}
+
+        def ask(text):
+            results[text] = c.post("/predict", json={"texts": [text]})
+
+        threads = [threading.Thread(target=ask, args=(t,)) for t in ("fine", "fail", "dull", "good")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert c.get("/health").json()["batching"]["largest"] > 1  # they did share a batch
+    assert results["fail"].status_code == 500 and "boom" in results["fail"].json()["error"]
+    assert all(results[t].status_code == 200 for t in ("fine", "dull", "good"))
+
+
+def test_a_full_queue_answers_503_and_bad_limits_are_refused():
+    async def main():
+        batcher = MicroBatcher(lambda texts: time.sleep(0.2) or texts, max_batch=1, max_wait_ms=0, max_queue=1)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit([str(i)]) for i in range(4)), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    busy = [r for r in results if isinstance(r, BadRequest)]
+    assert busy and all(r.status == 503 and "busy" in str(r) for r in busy)
+    assert [r for r in results if not isinstance(r, Exception)]  # the ones queued were answered
+    with pytest.raises(ValueError, match="max_batch must be > 0, got 0"):
+        Limits(max_batch=0)
+
+
+def test_stopping_answers_every_waiting_request():
+    async def main():
+        batcher = MicroBatcher(lambda texts: time.sleep(0.3) or texts, max_batch=2, max_wait_ms=0)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit([str(i)])) for i in range(5)]
+        await asyncio.sleep(0.1)  # the first batch is in the model, the rest wait
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BadRequest) and r.status == 503 for r in results), results
 
 
 def test_concurrent_requests_are_answered_together(exported_run):

@@ -108,8 +108,8 @@ def read_spec(folder: str | os.PathLike) -> DeploySpec:
         task=get("task", str), objective=str(data.get("objective", "")),
         text_fields=get("text_fields", list, lambda v: len(v) in (1, 2) and all(isinstance(x, str) for x in v),
                         "one or two field names"),
-        labels=get("labels", list, lambda v: len(v) != 1 and all(isinstance(x, str) for x in v),
-                   "class names ([] for a regression)"),
+        labels=get("labels", list, lambda v: len(v) != 1 and all(isinstance(x, str) for x in v)
+                   and len(set(v)) == len(v), "distinct class names ([] for a regression)"),
         max_length=get("max_length", int, lambda v: v >= 8, "an integer >= 8"),
         exit_layers=layers("exit_layers"), trained_exits=layers("trained_exits"),
         consulted_exits=layers("consulted_exits"),
@@ -121,7 +121,36 @@ def read_spec(folder: str | os.PathLike) -> DeploySpec:
                           f"exit_layers {spec.exit_layers}")
     if spec.consulted_exits[-1] != spec.exit_layers[-1]:
         raise FolderError(f"{path}: {SECTION}.consulted_exits must end with the final exit ({spec.exit_layers[-1]})")
+    if spec.onnx:
+        check_onnx(Path(folder), spec)
     return spec
+
+
+def check_onnx(folder: Path, spec: DeploySpec) -> None:
+    """The ``onnx`` section: files inside the folder, one graph per consulted exit, each starting
+    where the previous one ended."""
+    where = f"{folder / 'config.json'}: {SECTION}.onnx"
+
+    def inside(name: object, field: str) -> None:
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise FolderError(f"{where}.{field} = {name!r}: expected a file name inside the folder")
+
+    inside(spec.onnx.get("embeddings"), "embeddings")
+    segments = spec.onnx.get("segments")
+    if not isinstance(segments, list):
+        raise FolderError(f"{where}.segments = {segments!r}: expected a list of graphs")
+    first = 1
+    for i, s in enumerate(segments):
+        if not isinstance(s, dict) or set(s) != {"file", "first", "exit"}:
+            raise FolderError(f"{where}.segments[{i}] = {s!r}: expected {{file, first, exit}}")
+        inside(s["file"], f"segments[{i}].file")
+        if s["first"] != first or not isinstance(s["exit"], int) or s["exit"] < first:
+            raise FolderError(f"{where}.segments[{i}]: layers {s['first']!r}..{s['exit']!r}; expected the "
+                              f"graph after layer {first - 1} to start at layer {first}")
+        first = s["exit"] + 1
+    if [s["exit"] for s in segments] != spec.consulted_exits:
+        raise FolderError(f"{where}.segments end at layers {[s['exit'] for s in segments]}, not at "
+                          f"consulted_exits {spec.consulted_exits}")
 
 
 def write_folder(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

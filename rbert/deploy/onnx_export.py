@@ -71,6 +71,18 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 @torch.no_grad()
+def export_full_depth(net: MultiExitBert, path: Path) -> None:
+    """One graph of every layer and the final exit, ``(hidden, attention_mask) -> (hidden,
+    logits)``: what a model without early exit would ship after the embeddings graph; the
+    plain full-depth baseline of ``bench/deploy_speed.py``."""
+    net = net.eval()
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    hidden = net.bert.embed(ids, torch.zeros_like(ids))
+    _export(Segment(net, 1, net.exit_layers[-1]), (hidden, torch.ones_like(ids)), path, ["hidden", "attention_mask"],
+            ["hidden_out", "logits"])
+
+
+@torch.no_grad()
 def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path) -> dict:
     """Write ``onnx/embeddings.onnx`` and ``onnx/exit_<layer>.onnx`` for each consulted exit into
     ``folder``; returns the ``onnx`` section of the folder's config."""

@@ -54,20 +54,21 @@ class OnnxEarlyExitModel(Predictor):
             except Exception as err:  # onnxruntime raises its own types for unreadable graphs
                 raise FolderError(f"{path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from err
 
-        onnx = spec.onnx
+        onnx = spec.onnx  # read_spec checked its files and layer ranges
         if not onnx.get("segments"):
             raise FolderError(f"{folder / 'config.json'}: rbert_early_exit.onnx lists no graphs "
                               "(exported without ONNX)")
         self.embeddings = session(onnx["embeddings"])
         self.embedding_inputs = [i.name for i in self.embeddings.get_inputs()]
-        by_exit = {s.exit: s for s in spec.segments}
-        if [s.exit for s in spec.segments] != spec.consulted_exits:
-            raise FolderError(f"{folder / 'config.json'}: rbert_early_exit.onnx.segments do not match "
-                              f"consulted_exits {spec.consulted_exits}")
         # The graphs to run: one per exit the policy consults. Full depth (NoExit) runs every
         # graph, since each holds its layers; only the last one's answer counts.
-        self.segments = [(layer, session(by_exit[layer].file)) for layer in spec.consulted_exits]
+        self.segments = [(s.exit, session(s.file)) for s in spec.segments]
         self.last = spec.consulted_exits[-1]
+        for s, (_, graph) in zip(spec.segments, self.segments):
+            width = graph.get_outputs()[1].shape[-1]
+            if isinstance(width, int) and width != spec.num_labels:
+                raise FolderError(f"{folder / s.file}: answers {width} logits; config.json has "
+                                  f"{spec.num_labels} labels")
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,

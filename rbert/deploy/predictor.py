@@ -10,6 +10,7 @@ runtimes (:class:`~rbert.deploy.model.EarlyExitModel` in PyTorch,
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ def folder_policy(spec: DeploySpec, policy: ExitPolicy | dict | None, where: str
     else the one the folder was exported with."""
     if isinstance(policy, ExitPolicy):
         return policy
+    if policy is not None and not isinstance(policy, dict):
+        raise FolderError(f"policy: expected an object such as {{\"name\": \"none\"}}, got {policy!r}")
     try:
         return policy_from_dict(policy if policy is not None else spec.policy)
     except ValueError as err:
@@ -55,18 +58,24 @@ class Predictor:
             rows.append(row)
         return rows
 
+    def tokenize(self, rows: list[tuple[str, ...]], **kwargs) -> dict:
+        """The tokenizer's output for ``rows``, one call at a time: a fast tokenizer sets its
+        truncation and padding on each call, so two threads at once (the server's event loop
+        checking lengths while its worker encodes a batch) corrupt each other's settings or
+        fail with "Already borrowed"."""
+        lock = self.__dict__.setdefault("_tokenizer_lock", threading.Lock())
+        with lock:
+            return self.tokenizer(*zip(*rows), **kwargs)
+
     def lengths(self, texts: Sequence[Text]) -> list[int]:
         """Each text's length in tokens, untruncated (special tokens included)."""
-        rows = self.rows(texts)
-        ids = self.tokenizer(*zip(*rows), truncation=False)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in self.tokenize(self.rows(texts), truncation=False)["input_ids"]]
 
     def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
         """int64 arrays ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
         tokenizer makes them), truncated at ``max_length``, padded on the right."""
-        rows = self.rows(texts)
-        enc = self.tokenizer(*zip(*rows), truncation=True, max_length=self.spec.max_length, padding=True,
-                             return_tensors="np")
+        enc = self.tokenize(self.rows(texts), truncation=True, max_length=self.spec.max_length, padding=True,
+                            padding_side="right", return_tensors="np")  # the runtimes cut padding on the right
         return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in enc.items()
                 if k in ("input_ids", "attention_mask", "token_type_ids")}
 

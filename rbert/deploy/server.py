@@ -11,9 +11,10 @@
   serves many clients at once; one worker thread runs the model, so the event loop keeps
   accepting requests meanwhile.
 * **Every request is validated and bounded**: the body's size (413), JSON (400), the field
-  and its types, empty or whitespace texts, too many texts and texts over the model's
-  length (422), each answered with a one-line ``{"error": ...}``. A failure inside the model
-  answers 500 for that request only; the server goes on.
+  and its types, empty or whitespace texts, text that is not valid Unicode, too many texts
+  and texts over the model's length (422), a full queue (503), each answered with a
+  one-line ``{"error": ...}``. A failure inside the model answers 500 for the request that
+  caused it only (a failing batch is retried request by request); the server goes on.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ log = logging.getLogger("rbert.serve")
 class Limits:
     max_texts: int = 64             # texts in one request
     max_request_bytes: int = 1 << 20
-    max_batch: int = 32             # texts the model answers at once
+    max_batch: int = 32             # requests are grouped up to this many texts (a larger one runs alone)
     max_wait_ms: float = 5.0        # how long the first queued request waits for company
+    max_queue: int = 1024           # requests waiting; more are answered 503
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value > 0 and not (name == "max_wait_ms" and value == 0):
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 class BadRequest(Exception):
@@ -56,45 +63,64 @@ class MicroBatcher:
     runs in a worker thread, one batch at a time.
     """
 
-    def __init__(self, predict: Callable[[list], list], max_batch: int, max_wait_ms: float):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
+    def __init__(self, predict: Callable[[list], list], max_batch: int, max_wait_ms: float, max_queue: int = 1024):
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1 and max_wait_ms >= 0, got {max_batch}, "
+                             f"{max_queue}, {max_wait_ms}")
         self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait_ms / 1000
+        self.max_queue = max_queue
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.stats = {"batches": 0, "texts": 0, "largest": 0}  # model calls and their sizes (/health)
 
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
+        self.queue = asyncio.Queue(maxsize=self.max_queue)
         self.worker = asyncio.create_task(self._work())
 
     async def stop(self) -> None:
+        """Stop the worker; requests still waiting fail (503) instead of waiting forever."""
         if self.worker is not None:
             self.worker.cancel()
             with suppress(asyncio.CancelledError):
                 await self.worker
+        while self.queue is not None and not self.queue.empty():
+            _, future = self.queue.get_nowait()
+            if not future.done():
+                future.set_exception(BadRequest(503, "the server is shutting down"))
 
     async def submit(self, texts: list) -> list:
+        if self.worker is None or self.worker.done():
+            raise BadRequest(503, "the model's worker is not running")
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((texts, future))
+        try:
+            self.queue.put_nowait((texts, future))
+        except asyncio.QueueFull:
+            raise BadRequest(503, f"busy: {self.max_queue} requests waiting; try again") from None
         return await future
 
     async def _work(self) -> None:
+        held: list = []  # the requests taken off the queue and not answered yet
+        try:
+            await self._batches(held)
+        finally:  # cancelled by stop(), or broken: none of them may wait forever
+            for _, future in held:
+                self._settle(future, error=BadRequest(503, "the server stopped before answering"))
+
+    async def _batches(self, held: list) -> None:
         loop = asyncio.get_running_loop()
-        pending = None
         while True:
-            first = pending or await self.queue.get()
-            pending = None
-            group, count = [first], len(first[0])
+            if not held:
+                held.append(await self.queue.get())
+            group, count = held[:1], len(held[0][0])
             deadline = loop.time() + self.max_wait
             while count < self.max_batch:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
+                held.append(item)
                 if count + len(item[0]) > self.max_batch:
-                    pending = item  # it opens the next batch
-                    break
+                    break  # it opens the next batch
                 group.append(item)
                 count += len(item[0])
             texts = [t for item, _ in group for t in item]
@@ -102,17 +128,32 @@ class MicroBatcher:
                               largest=max(self.stats["largest"], len(texts)))
             try:
                 answers = await loop.run_in_executor(None, self.predict, texts)
-            except Exception as err:  # this batch's requests fail; the worker goes on
-                log.exception("prediction failed")
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            start = 0
-            for item, future in group:
-                if not future.done():
-                    future.set_result(answers[start:start + len(item)])
-                start += len(item)
+            except Exception as err:  # retry one request at a time: only the culprit fails
+                if len(group) == 1:
+                    log.exception("prediction failed")
+                    self._settle(group[0][1], error=err)
+                else:
+                    for item, future in group:
+                        try:
+                            self._settle(future, await loop.run_in_executor(None, self.predict, item))
+                        except Exception as one:
+                            log.exception("prediction failed")
+                            self._settle(future, error=one)
+            else:
+                start = 0
+                for item, future in group:
+                    self._settle(future, answers[start:start + len(item)])
+                    start += len(item)
+            del held[:len(group)]
+
+    @staticmethod
+    def _settle(future: asyncio.Future, result: list | None = None, error: Exception | None = None) -> None:
+        if future.done():  # the client went away
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def validate(body: object, model: Predictor, limits: Limits) -> list:
@@ -134,6 +175,10 @@ def validate(body: object, model: Predictor, limits: Limits) -> list:
     for i, row in enumerate(rows):
         if any(not t.strip() for t in row):
             raise BadRequest(422, f"texts[{i}]: empty or whitespace-only text")
+        try:
+            [t.encode("utf-8") for t in row]
+        except UnicodeEncodeError as err:  # JSON's "\ud800": a lone surrogate no tokenizer takes
+            raise BadRequest(422, f"texts[{i}]: not valid Unicode ({err.reason})") from None
     for i, length in enumerate(model.lengths(texts)):
         if length > model.spec.max_length:
             raise BadRequest(422, f"texts[{i}]: {length} tokens; the model reads at most {model.spec.max_length}")
@@ -143,7 +188,7 @@ def validate(body: object, model: Predictor, limits: Limits) -> list:
 def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     batcher = MicroBatcher(lambda texts: model.predict(texts, batch_size=len(texts)), limits.max_batch,
-                           limits.max_wait_ms)
+                           limits.max_wait_ms, limits.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -175,14 +220,13 @@ def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
                 return error(413, f"request body over {limits.max_request_bytes} bytes")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return error(400, f"malformed JSON: {err}")
+        except (ValueError, RecursionError) as err:  # also: bytes not UTF-8, nesting or integers too deep
+            return error(400, f"malformed JSON: {(str(err).splitlines() or [type(err).__name__])[0]}")
         try:
             texts = validate(data, model, limits)
+            answers = await batcher.submit(texts)
         except BadRequest as err:
             return error(err.status, str(err))
-        try:
-            answers = await batcher.submit(texts)
         except Exception as err:
             return error(500, f"prediction failed: {type(err).__name__}: {err}")
         return {"predictions": answers}
@@ -231,11 +275,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     try:
+        limits = Limits(**{name: getattr(args, name) for name in vars(defaults)})
         policy = json.loads(args.policy) if args.policy else None
         model = load(args.folder, args.runtime, policy, threads=args.threads)
     except (json.JSONDecodeError, FolderError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    limits = Limits(**{name: getattr(args, name) for name in vars(defaults)})
     serve(model, args.host, args.port, limits)
 
 
