@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from rbert.models import load_tokenizer
+from rbert.models import MultiExitBert, load_encoder, load_tokenizer
 
 VOCAB = 30522  # MiniLM's tokenizer, saved into every folder
 COMMON = dict(vocab_size=VOCAB, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
@@ -48,3 +48,26 @@ def write_family(root: Path, family: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     load_tokenizer("minilm").save_pretrained(folder)
     return folder
+
+
+def family_batch(family: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tests.test_inference's padded batch as ``family`` reads it: pad id 0, and one token type
+    where the family has one (RoBERTa, XLM-R) or none (DistilBERT)."""
+    from tests.test_inference import padded_batch
+
+    ids, mask, types = padded_batch()
+    ids = ids.masked_fill(mask == 0, 0)  # pad id 0, as the tokenizer pads
+    if family in ("roberta", "xlm-roberta", "distilbert"):
+        types = torch.zeros_like(types)
+    return ids, mask, types
+
+
+def spread_multi_exit(folder: Path) -> MultiExitBert:
+    """A 3-class multi-exit model on ``folder``'s encoder whose random exits disagree enough
+    that the policies exit at a mix of layers."""
+    torch.manual_seed(0)
+    net = MultiExitBert(load_encoder(str(folder)), 3, pooling="mean").eval()
+    with torch.no_grad():
+        for head in net.exits:
+            head.classifier.weight.mul_(40)
+    return net

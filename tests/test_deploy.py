@@ -16,7 +16,7 @@ from rbert.deploy.folder import write_folder
 from rbert.inference.engine import early_exit
 from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, NoExit, PatienceExit, policy_to_dict
 from rbert.models import MultiExitBert, load_encoder, load_tokenizer
-from tests.backbone_files import FAMILIES, write_family
+from tests.backbone_files import FAMILIES, family_batch, spread_multi_exit, write_family
 from tests.test_inference import padded_batch, tiny_model
 
 POLICIES = [EntropyExit(0.3), EntropyExit(0.6), ConfidenceExit(0.8), PatienceExit(1), PatienceExit(2), FixedExit(2),
@@ -135,18 +135,11 @@ def test_pairs_and_regression(tmp_path):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_exports_and_runs_on_onnxruntime(family, tmp_path):
-    torch.manual_seed(0)
-    net = MultiExitBert(load_encoder(str(write_family(tmp_path, family))), 3, pooling="mean").eval()
-    with torch.no_grad():
-        for head in net.exits:
-            head.classifier.weight.mul_(40)
+    net = spread_multi_exit(write_family(tmp_path, family))
     folder = save(tmp_path / "export", net, load_tokenizer("minilm"), spec_for(net, [2, 4]))
     assert read_spec(folder).consulted_exits == [2, 4]
     policy = PatienceExit(1)
-    ids, mask, types = numpy_batch()
-    ids = ids * mask  # pad id 0, as the tokenizer pads
-    if family in ("roberta", "xlm-roberta", "distilbert"):  # one token type (DistilBERT: none)
-        types = np.zeros_like(types)
+    ids, mask, types = (t.numpy() for t in family_batch(family))
     want = early_exit(net, policy, *map(torch.from_numpy, (ids, mask, types)), exit_layers=[2, 4])
     for cls in (OnnxEarlyExitModel, EarlyExitModel):
         logits, layers = cls.from_pretrained(folder, policy=policy).run(ids, mask, types)

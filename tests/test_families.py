@@ -12,22 +12,13 @@ from rbert.inference.engine import early_exit, simulate
 from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, PatienceExit
 from rbert.models import MultiExitBert, load_encoder
 from rbert.models.families import FAMILIES as RBERT_FAMILIES
-from tests.backbone_files import FAMILIES, write_family
-from tests.test_inference import padded_batch
+from tests.backbone_files import FAMILIES, family_batch, spread_multi_exit, write_family
 from tests.test_run import results, run_cli
 
 
 @pytest.fixture(scope="module")
 def family_root(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
-
-
-def batch(family: str):
-    ids, mask, types = padded_batch()
-    ids = ids.masked_fill(mask == 0, 0)  # pad id 0, as the tokenizer pads
-    if family in ("roberta", "xlm-roberta", "distilbert"):  # one token type (DistilBERT: none)
-        types = torch.zeros_like(types)
-    return ids, mask, types
 
 
 def test_every_family_is_registered():
@@ -40,7 +31,7 @@ def test_hidden_states_match_transformers(family, family_root):
     ours = load_encoder(str(folder)).eval()
     assert type(ours) is RBERT_FAMILIES[family]
     theirs = transformers.AutoModel.from_pretrained(folder).eval()
-    ids, mask, types = batch(family)
+    ids, mask, types = family_batch(family)
     kwargs = {} if family == "distilbert" else {"token_type_ids": types}
     with torch.no_grad():
         expected = theirs(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs).hidden_states
@@ -54,12 +45,8 @@ def test_hidden_states_match_transformers(family, family_root):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_early_exit_engine_matches_every_exit_evaluated(family, family_root):
-    torch.manual_seed(0)
-    model = MultiExitBert(load_encoder(str(write_family(family_root, family))), 3, pooling="mean").eval()
-    with torch.no_grad():
-        for head in model.exits:
-            head.classifier.weight.mul_(40)  # spread the random exits' answers
-    ids, mask, types = batch(family)
+    model = spread_multi_exit(write_family(family_root, family))
+    ids, mask, types = family_batch(family)
     for policy in (EntropyExit(0.5), ConfidenceExit(0.8), PatienceExit(1), FixedExit(2)):
         batched = early_exit(model, policy, ids, mask, types)
         with torch.no_grad():
