@@ -5,8 +5,9 @@ inputs: the ONNX runtime and the PyTorch engine with the exported policy, and bo
 depth (``exit_policy=none``), each runtime in turns with its own full depth
 (:func:`rbert.inference.timing.time_in_turns`: each input with each in turn, best of
 ``--repeats``). Full depth on onnxruntime is measured twice: running every exit's graph
-(heads included) and as the plain model without early exit (one graph of all layers and the
-final exit); the speed-ups are over the plain one. At batch size 1 (``--samples``
+(heads included) and as the plain model without early exit (one graph of the embeddings, all
+layers and the final exit), with the runtime's thread settings and, timed alone, with
+onnxruntime's defaults; the speed-ups are over the faster plain one. At batch size 1 (``--samples``
 dev sentences, each alone) and batched (``--batches`` batches of ``--batch-size``). Beside
 each measured speed-up over full depth: the layer-count speed-up of the same inputs (L /
 mean exit layer), the FLOPs-proportional ideal. Also the dev accuracy of each runtime.
@@ -65,13 +66,17 @@ def main() -> None:
     spec = models["onnx"].spec
     layers = spec.exit_layers[-1]
     # "onnx full" runs every exit's graph, heads included; "onnx plain" is the model without
-    # early exit: the embeddings graph, then one graph of all layers and the final exit.
+    # early exit: one graph of the embeddings, all layers and the final exit. It runs with the
+    # runtime's thread settings and with onnxruntime's defaults ("onnx plain, ORT defaults":
+    # threads that spin between runs, which only one session can afford); the faster of the
+    # two is the baseline.
     plain = Path(tempfile.mkdtemp(prefix="rbert_plain_"))
     export_full_depth(models["torch"].net, plain / "full.onnx")
     plain_spec = dataclasses.replace(spec, consulted_exits=[layers], onnx={
-        **spec.onnx, "embeddings": str(args.folder.resolve() / spec.onnx["embeddings"]),
-        "segments": [{"file": "full.onnx", "first": 1, "exit": layers}]})
-    models["onnx plain"] = OnnxEarlyExitModel(plain, plain_spec, models["onnx"].tokenizer, NoExit(), threads=threads)
+        **spec.onnx, "segments": [{"file": "full.onnx", "first": 1, "exit": layers}]})
+    for name, config in (("onnx plain", None), ("onnx plain, ORT defaults", {})):
+        models[name] = OnnxEarlyExitModel(plain, plain_spec, models["onnx"].tokenizer, NoExit(), threads=threads,
+                                          session_config=config)
     texts, labels = dev_set(args.glue)
 
     accuracy = {}
@@ -93,18 +98,21 @@ def main() -> None:
         # Each library against itself: torch's OpenMP threads spin for a while after a call, so
         # a graph timed right after a torch call finds the cores taken (docs/benchmarks.md,
         # section 11); in one rotation with all four, "onnx" always came right after "torch full".
+        # onnxruntime's default threads spin after a run too: that plain graph is timed alone.
         seconds = {}
         with torch.inference_mode():
-            for group in (("onnx", "onnx full", "onnx plain"), ("torch", "torch full")):
+            for group in (("onnx", "onnx full", "onnx plain"), ("onnx plain, ORT defaults",), ("torch", "torch full")):
                 seconds |= time_in_turns({name: call(models[name]) for name in group}, len(inputs), args.repeats)
         exits = np.concatenate([models["onnx"].run(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))[1]
                                 for x in inputs])
         layer_speedup = layers / float(exits.mean())
-        for name, baseline in (("onnx", "onnx plain"), ("torch", "torch full")):
+        fastest_plain = min(("onnx plain", "onnx plain, ORT defaults"), key=seconds.get)
+        for name, baseline in (("onnx", fastest_plain), ("torch", "torch full")):
             measured = seconds[baseline] / seconds[name]
             rows.append({"runtime": name, "batch size": bs, "seconds": seconds[name],
                          "every exit's graph seconds": seconds["onnx full"] if name == "onnx" else None,
                          "plain full depth seconds": seconds[baseline], "vs plain full depth": measured,
+                         "plain, ORT defaults seconds": seconds["onnx plain, ORT defaults"] if name == "onnx" else None,
                          "vs torch full depth": seconds["torch full"] / seconds[name],
                          "layer speed-up": layer_speedup, "measured / layer": measured / layer_speedup,
                          "onnx / torch time": seconds["onnx"] / seconds["torch"]})

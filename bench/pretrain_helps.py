@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO))
 
 from rbert.report import format_table, write_json  # noqa: E402
 
-# Fine-tuning budgets: the default one (model=bert's quick start) and a low-resource one,
-# where a prior should matter most.
-BUDGETS = {"default": [], "low": ["data.train_limit=1500", "trainer.max_epochs=3"]}
+# Fine-tuning budgets: the default one (model=bert's quick start) and two low-resource ones
+# (1,500 and 1,000 labelled rows), where a prior should matter most.
+BUDGETS = {"default": [], "low": ["data.train_limit=1500", "trainer.max_epochs=3"],
+           "low1k": ["data.train_limit=1000", "trainer.max_epochs=3"]}
 METRIC = {"sst2": "accuracy", "stsb": "pearson", "cola": "mcc", "mrpc": "f1"}
 
 

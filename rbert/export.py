@@ -84,5 +84,5 @@ def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig
     graphs = len(spec.onnx.get("segments", []))
     print(f"early-exit model written to {out}: {task.name}, exits {layers} of {net.exit_layers}, "
           f"policy {policy.describe()}" + (f" (chosen on the dev set: {choice})" if choice else "")
-          + (f", {graphs + 1} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs"))
+          + (f", {graphs} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs"))
     return {"export_dir": str(out), "policy": policy.describe(), "consulted_exits": layers}

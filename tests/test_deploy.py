@@ -87,7 +87,7 @@ def test_exported_policy_answers_by_default_and_rows_are_dropped(exported):
     seen = []
     for _, session in model.segments:  # count the rows each graph runs on
         run = session.run
-        session.run = lambda out, feeds, run=run: seen.append(feeds["hidden"].shape[0]) or run(out, feeds)
+        session.run = lambda out, feeds, run=run: seen.append(feeds["attention_mask"].shape[0]) or run(out, feeds)
     ids, mask, types = numpy_batch()
     _, layers = model.run(ids, mask, types)
     assert seen == [int((layers >= n).sum()) for n in range(1, len(seen) + 1)] and seen[-1] < seen[0]
@@ -203,8 +203,8 @@ def corrupt(folder, tmp_path, edit):
      "policy: policy entropy: .*unexpected keyword"),
     (lambda c: c.update(model_type="gpt2"), "model_type|gpt2"),
     (lambda c: c["rbert_early_exit"].update(labels=["a", "a", "b"]), "distinct class names"),
-    (lambda c: c["rbert_early_exit"]["onnx"].update(embeddings="../../etc/passwd"),
-     "onnx.embeddings = '../../etc/passwd': expected a file name inside the folder"),
+    (lambda c: c["rbert_early_exit"]["onnx"]["segments"][0].update(file="../../etc/passwd"),
+     "segments\\[0\\].file = '../../etc/passwd': expected a file name inside the folder"),
     (lambda c: c["rbert_early_exit"]["onnx"]["segments"][1].update(file="/tmp/x.onnx"), "segments\\[1\\].file"),
     (lambda c: c["rbert_early_exit"]["onnx"]["segments"][1].update(first=1), "expected the graph after layer 1"),
     (lambda c: c["rbert_early_exit"]["onnx"]["segments"].pop(), "segments end at layers \\[1, 2, 3\\]"),
@@ -299,16 +299,16 @@ def test_one_model_is_safe_to_call_from_several_threads(exported):
 
 
 def test_full_depth_graph_answers_like_the_final_exit(exported, tmp_path):
-    """The plain baseline of bench/deploy_speed.py: every layer and the final exit in one graph."""
+    """The plain baseline of bench/deploy_speed.py: the embeddings, every layer and the final exit
+    in one graph."""
     import onnxruntime as ort
 
     from rbert.deploy.onnx_export import export_full_depth
 
-    net, folder = exported
+    net, _ = exported
     export_full_depth(net, tmp_path / "full.onnx")
     ids, mask, types = numpy_batch()
-    embed = ort.InferenceSession(str(folder / "onnx" / "embeddings.onnx"))
-    hidden = embed.run(None, {"input_ids": ids, "token_type_ids": types})[0]
-    logits = ort.InferenceSession(str(tmp_path / "full.onnx")).run(None, {"hidden": hidden, "attention_mask": mask})[1]
+    feeds = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    logits = ort.InferenceSession(str(tmp_path / "full.onnx")).run(None, feeds)[1]
     result = expected(net, NoExit(), ids, mask, types)
     np.testing.assert_allclose(logits, result.logits.numpy(), atol=1e-4, rtol=0)

@@ -8,7 +8,7 @@ Layout (Hugging Face style, so ``transformers.AutoConfig`` and ``AutoTokenizer``
   policy with its threshold (chosen at export time), the text fields and the maximum length;
 * ``model.safetensors``: the multi-exit model's weights, by name;
 * the tokenizer's files;
-* ``onnx/``: the embeddings and one graph per consulted exit (see :mod:`rbert.deploy.onnx_export`).
+* ``onnx/``: one graph per consulted exit, the first with the embeddings (see :mod:`rbert.deploy.onnx_export`).
 
 A folder is data handed in by a user: :func:`read_spec` checks every field it reads and
 names the file and field at fault; no name in it is ever imported or instantiated.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SECTION = "rbert_early_exit"
-FORMAT = 1
+FORMAT = 2  # 2: the embeddings are inside the first ONNX graph (1 had a graph of their own)
 
 
 class FolderError(ValueError):
@@ -34,7 +34,7 @@ class FolderError(ValueError):
 
 @dataclass
 class Segment:
-    """One ONNX graph after the embeddings: layers ``first..exit`` (1-based) and the exit at ``exit``."""
+    """One ONNX graph: layers ``first..exit`` (1-based) and the exit at ``exit``."""
 
     file: str
     first: int
@@ -57,7 +57,7 @@ class DeploySpec:
     policy: dict                 # rbert.inference.policies.policy_to_dict
     objective: str = ""
     policy_choice: dict | None = None  # a budget's choice on the dev set, when there was one
-    onnx: dict = field(default_factory=dict)  # {"opset", "exporter", "embeddings", "segments": [Segment]}
+    onnx: dict = field(default_factory=dict)  # {"opset", "exporter", "segments": [Segment]}
     format: int = FORMAT
 
     @property
@@ -103,7 +103,8 @@ def read_spec(folder: str | os.PathLike) -> DeploySpec:
                    and v == sorted(set(v)), "a non-empty ascending list of layer numbers")
 
     if data.get("format") != FORMAT:
-        raise FolderError(f"{path}: {SECTION}.format = {data.get('format')!r}; this rbert reads format {FORMAT}")
+        raise FolderError(f"{path}: {SECTION}.format = {data.get('format')!r}; this rbert reads format {FORMAT} "
+                          "(export the checkpoint again: python run.py mode=export ...)")
     spec = DeploySpec(
         task=get("task", str), objective=str(data.get("objective", "")),
         text_fields=get("text_fields", list, lambda v: len(v) in (1, 2) and all(isinstance(x, str) for x in v),
@@ -135,7 +136,6 @@ def check_onnx(folder: Path, spec: DeploySpec) -> None:
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise FolderError(f"{where}.{field} = {name!r}: expected a file name inside the folder")
 
-    inside(spec.onnx.get("embeddings"), "embeddings")
     segments = spec.onnx.get("segments")
     if not isinstance(segments, list):
         raise FolderError(f"{where}.segments = {segments!r}: expected a list of graphs")

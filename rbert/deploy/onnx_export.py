@@ -1,10 +1,12 @@
 """ONNX graphs of a multi-exit model, cut where the runtime may drop samples.
 
-One graph for the embeddings, ``(input_ids[, token_type_ids]) -> hidden``, and one per
-consulted exit, ``(hidden, attention_mask) -> (hidden, logits)``: the layers since the
-previous consulted exit and that exit's head. Between two graphs the runtime has the
-hidden states in hand, so it can answer the samples that leave and run the next graph on
-the others only, as the PyTorch engine does between layers. Batch and sequence axes are
+One graph per consulted exit: the layers since the previous consulted exit and that exit's
+head, ``(hidden, attention_mask) -> (hidden, logits)``; the first graph starts from the
+tokens, ``(input_ids[, token_type_ids], attention_mask) -> (hidden, logits)``, with the
+embeddings inside (a graph of its own would cost every sample one more session call, which
+at batch size 1 is a tenth of a layer's time). Between two graphs the runtime has the hidden
+states in hand, so it can answer the samples that leave and run the next graph on the
+others only, as the PyTorch engine does between layers. Batch and sequence axes are
 dynamic. Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), opset
 :data:`OPSET`.
 
@@ -30,15 +32,6 @@ OPSET = 18
 EXPORTER = f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__.split('+')[0]}"
 
 
-class Embeddings(nn.Module):
-    def __init__(self, net: MultiExitBert):
-        super().__init__()
-        self.bert = net.bert
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert.embed(input_ids, token_type_ids)
-
-
 class Segment(nn.Module):
     """Layers ``first..exit`` (1-based) and the exit after layer ``exit``."""
 
@@ -56,6 +49,17 @@ class Segment(nn.Module):
         return hidden, self.head(pool(hidden, attention_mask, self.pooling), self.shared_dense)
 
 
+class FirstSegment(Segment):
+    """The embeddings, then layers ``1..exit`` and that exit."""
+
+    def __init__(self, net: MultiExitBert, exit: int):
+        super().__init__(net, 1, exit)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(self.bert.embed(input_ids, token_type_ids), attention_mask)
+
+
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     shapes = tuple({0: batch, 1: seq} for _ in args)
@@ -70,36 +74,35 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
                           external_data=False)
 
 
+def _export_segment(net: MultiExitBert, first: int, exit: int, path: Path) -> None:
+    # Example inputs of batch 2, sequence 8: neither 0 nor 1, which torch.export would specialise.
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    if first == 1:
+        _export(FirstSegment(net, exit), (ids, types, mask), path, ["input_ids", "token_type_ids", "attention_mask"],
+                ["hidden_out", "logits"])
+    else:
+        _export(Segment(net, first, exit), (net.bert.embed(ids, types), mask), path, ["hidden", "attention_mask"],
+                ["hidden_out", "logits"])
+
+
 @torch.no_grad()
 def export_full_depth(net: MultiExitBert, path: Path) -> None:
-    """One graph of every layer and the final exit, ``(hidden, attention_mask) -> (hidden,
-    logits)``: what a model without early exit would ship after the embeddings graph; the
-    plain full-depth baseline of ``bench/deploy_speed.py``."""
-    net = net.eval()
-    ids = torch.full((2, 8), 5, dtype=torch.long)
-    hidden = net.bert.embed(ids, torch.zeros_like(ids))
-    _export(Segment(net, 1, net.exit_layers[-1]), (hidden, torch.ones_like(ids)), path, ["hidden", "attention_mask"],
-            ["hidden_out", "logits"])
+    """One graph of the embeddings, every layer and the final exit: what a model without early
+    exit would ship; the plain full-depth baseline of ``bench/deploy_speed.py``."""
+    _export_segment(net.eval(), 1, net.exit_layers[-1], path)
 
 
 @torch.no_grad()
 def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path) -> dict:
-    """Write ``onnx/embeddings.onnx`` and ``onnx/exit_<layer>.onnx`` for each consulted exit into
-    ``folder``; returns the ``onnx`` section of the folder's config."""
+    """Write ``onnx/exit_<layer>.onnx`` for each consulted exit into ``folder``; returns the
+    ``onnx`` section of the folder's config."""
     net = net.eval()
     (folder / "onnx").mkdir(parents=True, exist_ok=True)
-    # Example inputs of batch 2, sequence 8: neither 0 nor 1, which torch.export would specialise.
-    ids = torch.full((2, 8), 5, dtype=torch.long)
-    types = torch.zeros_like(ids)
-    mask = torch.ones_like(ids)
-    _export(Embeddings(net), (ids, types), folder / "onnx" / "embeddings.onnx",
-            ["input_ids", "token_type_ids"], ["hidden"])
-    hidden = net.bert.embed(ids, types)
     segments, first = [], 1
     for layer in consulted:
         name = f"onnx/exit_{layer}.onnx"
-        _export(Segment(net, first, layer), (hidden, mask), folder / name, ["hidden", "attention_mask"],
-                ["hidden_out", "logits"])
+        _export_segment(net, first, layer, folder / name)
         segments.append({"file": name, "first": first, "exit": layer})
         first = layer + 1
-    return {"opset": OPSET, "exporter": EXPORTER, "embeddings": "onnx/embeddings.onnx", "segments": segments}
+    return {"opset": OPSET, "exporter": EXPORTER, "segments": segments}

@@ -1,7 +1,7 @@
 """Early exit on onnxruntime: the exported graphs, run segment by segment.
 
-:class:`OnnxEarlyExitModel` runs the embeddings graph, then one exit's graph after another;
-after each it applies the *same policy objects* as the PyTorch engine
+:class:`OnnxEarlyExitModel` runs one exit's graph after another (the first starts from the
+tokens); after each it applies the *same policy objects* as the PyTorch engine
 (:mod:`rbert.inference.policies`), answers the samples that leave, drops their rows and
 the padding no remaining row needs, and runs the next graph on the rest.
 
@@ -28,8 +28,20 @@ from rbert.inference.policies import ExitPolicy
 
 
 class OnnxEarlyExitModel(Predictor):
+    # Each graph is its own session with its own thread pool (the Python API can share one
+    # only process-wide, which then forbids every other session in the process its own pool).
+    # By default a pool's threads spin for a while after a run, so the pools of the graphs
+    # just run steal the cores from the one running now: at batch size 1 on 2 cores full depth
+    # ran 5-6x slower. Never spinning makes every operator wait for a sleeping thread (a layer
+    # 1.3x slower). So the threads spin during a run and stop when it ends
+    # (docs/benchmarks.md, section 11.2).
+    SESSION_CONFIG = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+
     def __init__(self, folder: str | os.PathLike, spec: DeploySpec, tokenizer, policy: ExitPolicy,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
+        """``session_config``: onnxruntime session config entries instead of
+        :attr:`SESSION_CONFIG` (``{}``: onnxruntime's defaults)."""
         import onnxruntime as ort
 
         self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
@@ -37,12 +49,8 @@ class OnnxEarlyExitModel(Predictor):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        # Each graph is its own session with its own thread pool. By default idle pool threads
-        # spin after a run, so the pools of the graphs just run steal the cores from the one
-        # running now: at batch size 1 on 2 cores that made full depth 6x slower
-        # (docs/benchmarks.md, section 11). Idle threads sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        for key, value in (self.SESSION_CONFIG if session_config is None else session_config).items():
+            options.add_session_config_entry(key, value)
         folder = Path(folder)
 
         def session(name: str):
@@ -58,11 +66,11 @@ class OnnxEarlyExitModel(Predictor):
         if not onnx.get("segments"):
             raise FolderError(f"{folder / 'config.json'}: rbert_early_exit.onnx lists no graphs "
                               "(exported without ONNX)")
-        self.embeddings = session(onnx["embeddings"])
-        self.embedding_inputs = [i.name for i in self.embeddings.get_inputs()]
         # The graphs to run: one per exit the policy consults. Full depth (NoExit) runs every
         # graph, since each holds its layers; only the last one's answer counts.
         self.segments = [(s.exit, session(s.file)) for s in spec.segments]
+        # The token inputs of the first graph (the exporter drops the ones a family ignores).
+        self.token_inputs = [i.name for i in self.segments[0][1].get_inputs() if i.name != "attention_mask"]
         self.last = spec.consulted_exits[-1]
         for s, (_, graph) in zip(spec.segments, self.segments):
             width = graph.get_outputs()[1].shape[-1]
@@ -73,26 +81,28 @@ class OnnxEarlyExitModel(Predictor):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
                         providers: Sequence[str] = ("CPUExecutionProvider",),
-                        threads: int | None = None) -> OnnxEarlyExitModel:
+                        threads: int | None = None, session_config: dict[str, str] | None = None
+                        ) -> OnnxEarlyExitModel:
         from transformers import AutoTokenizer
 
         spec = read_spec(folder)
         return cls(folder, spec, AutoTokenizer.from_pretrained(folder), folder_policy(spec, policy, str(folder)),
-                   providers, threads)
+                   providers, threads, session_config)
 
     def run(self, input_ids, attention_mask, token_type_ids=None):
         if token_type_ids is None:
             token_type_ids = np.zeros_like(input_ids)
-        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
-        hidden = self.embeddings.run(None, {k: feeds[k] for k in self.embedding_inputs})[0]
+        tokens = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        feeds = {name: tokens[name] for name in self.token_inputs}
         if input_ids.shape[0] == 1:
-            return self._one(hidden, attention_mask)
-        return self._batch(hidden, attention_mask)
+            return self._one(feeds, attention_mask)
+        return self._batch(feeds, attention_mask)
 
-    def _one(self, hidden: np.ndarray, mask: np.ndarray):
+    def _one(self, feeds: dict[str, np.ndarray], mask: np.ndarray):
         state = self.policy.start_one()
         for layer, session in self.segments:
-            hidden, logits = session.run(None, {"hidden": hidden, "attention_mask": mask})
+            hidden, logits = session.run(None, {**feeds, "attention_mask": mask})
+            feeds = {"hidden": hidden}
             if layer == self.last:
                 break
             leave, state = self.policy.decide_one(logits[0].tolist(), layer, state)
@@ -100,13 +110,14 @@ class OnnxEarlyExitModel(Predictor):
                 break
         return logits, np.array([layer], dtype=np.int64)
 
-    def _batch(self, hidden: np.ndarray, mask: np.ndarray):
-        batch = hidden.shape[0]
+    def _batch(self, feeds: dict[str, np.ndarray], mask: np.ndarray):
+        batch = mask.shape[0]
         state = self.policy.start(batch, torch.device("cpu"))
         rows = np.arange(batch)
         out = exit_layer = None
         for layer, session in self.segments:
-            hidden, logits = session.run(None, {"hidden": hidden, "attention_mask": mask})
+            hidden, logits = session.run(None, {**feeds, "attention_mask": mask})
+            feeds = {"hidden": hidden}
             if out is None:
                 out = np.empty((batch, logits.shape[-1]), dtype=np.float32)
                 exit_layer = np.zeros(batch, dtype=np.int64)
@@ -124,6 +135,6 @@ class OnnxEarlyExitModel(Predictor):
             state = take_rows(state, torch.from_numpy(keep))
             rows, mask = rows[keep], mask[keep]
             length = int(mask.sum(axis=1).max())  # padding is on the right: cut what no row needs
-            hidden = np.ascontiguousarray(hidden[keep, :length])
+            feeds["hidden"] = np.ascontiguousarray(hidden[keep, :length])
             mask = np.ascontiguousarray(mask[:, :length])
         return out, exit_layer
