@@ -12,6 +12,11 @@ dev sentences, each alone) and batched (``--batches`` batches of ``--batch-size`
 each measured speed-up over full depth: the layer-count speed-up of the same inputs (L /
 mean exit layer), the FLOPs-proportional ideal. Also the dev accuracy of each runtime.
 
+At batch size 1 the ONNX runtime runs its exits' graphs as one composed graph with the
+policy inside (:mod:`rbert.deploy.onnx_fused`; "onnx", and "onnx full" with ``none``);
+"onnx segments" is the same runtime calling one graph an exit (``fused=False``), as it
+always does batched, where it is not timed twice.
+
     python bench/deploy_speed.py logs/export_minilm --glue ../shared/data/glue --out logs/deploy_speed.json
 """
 
@@ -60,6 +65,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     models = {"onnx": OnnxEarlyExitModel.from_pretrained(args.folder, threads=threads),
+              "onnx segments": OnnxEarlyExitModel.from_pretrained(args.folder, threads=threads, fused=False),
               "onnx full": OnnxEarlyExitModel.from_pretrained(args.folder, policy=NoExit(), threads=threads),
               "torch": EarlyExitModel.from_pretrained(args.folder),
               "torch full": EarlyExitModel.from_pretrained(args.folder, policy=NoExit())}
@@ -81,6 +87,8 @@ def main() -> None:
 
     accuracy = {}
     for name, model in models.items():
+        if name == "onnx segments":  # predict() runs batches: the same code as "onnx"
+            continue
         answers = model.predict(texts, batch_size=args.batch_size)
         accuracy[name] = 100 * float(np.mean([a["label"] == y for a, y in zip(answers, labels)]))
         if name == "onnx":
@@ -101,21 +109,26 @@ def main() -> None:
         # onnxruntime's default threads spin after a run too: that plain graph is timed alone.
         seconds = {}
         with torch.inference_mode():
-            for group in (("onnx", "onnx full", "onnx plain"), ("onnx plain, ORT defaults",), ("torch", "torch full")):
+            onnx = ("onnx", "onnx segments")[:2 if bs == "1" else 1] + ("onnx full", "onnx plain")
+            for group in (onnx, ("onnx plain, ORT defaults",), ("torch", "torch full")):
                 seconds |= time_in_turns({name: call(models[name]) for name in group}, len(inputs), args.repeats)
         exits = np.concatenate([models["onnx"].run(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))[1]
                                 for x in inputs])
         layer_speedup = layers / float(exits.mean())
         fastest_plain = min(("onnx plain", "onnx plain, ORT defaults"), key=seconds.get)
-        for name, baseline in (("onnx", fastest_plain), ("torch", "torch full")):
+        runtimes = (("onnx", fastest_plain), ("onnx segments", fastest_plain), ("torch", "torch full"))
+        for name, baseline in runtimes:
+            if name not in seconds:
+                continue
+            ort = name.startswith("onnx")
             measured = seconds[baseline] / seconds[name]
             rows.append({"runtime": name, "batch size": bs, "seconds": seconds[name],
-                         "every exit's graph seconds": seconds["onnx full"] if name == "onnx" else None,
+                         "every exit's graph seconds": seconds["onnx full"] if ort else None,
                          "plain full depth seconds": seconds[baseline], "vs plain full depth": measured,
-                         "plain, ORT defaults seconds": seconds["onnx plain, ORT defaults"] if name == "onnx" else None,
+                         "plain, ORT defaults seconds": seconds["onnx plain, ORT defaults"] if ort else None,
                          "vs torch full depth": seconds["torch full"] / seconds[name],
                          "layer speed-up": layer_speedup, "measured / layer": measured / layer_speedup,
-                         "onnx / torch time": seconds["onnx"] / seconds["torch"]})
+                         "onnx / torch time": seconds[name] / seconds["torch"] if ort else None})
     shutil.rmtree(plain, ignore_errors=True)
     print(f"{args.folder}: {spec.objective} on {spec.task}, policy {models['onnx'].policy.describe()}, exits "
           f"{spec.consulted_exits}; {threads} threads; bs=1 on {len(single)} dev sentences, batched on "

@@ -4,7 +4,8 @@ Reads each run folder's CSV log (``csv/metrics.csv``: ``val/loss``, ``time/step`
 ``time/train_seconds``, logged together at every validation), plots both views side by side,
 prints a table of the points and writes them as JSON. With ``--target``, it also prints when
 each run first reaches that loss (interpolated between validations), and its time as a ratio
-of the first run's.
+of the first run's; with ``--each``, the same for every validation loss of the first run (from
+step ``--from-step`` on), so a lead that closes by the end shows where it was.
 
     python bench/loss_curves.py docs/img/pretrain_small.png small=logs/pretrain_small --metric val/loss
     python bench/loss_curves.py docs/img/core_small.png --target \
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--metric", default="val/loss")
     parser.add_argument("--target", action="store_true",
                         help="time for each run to reach the first run's final value (lower is better)")
+    parser.add_argument("--each", action="store_true",
+                        help="with --target: also the time ratio to each of the first run's validation values")
+    parser.add_argument("--from-step", type=int, default=0, help="--each: from this step of the first run on")
     args = parser.parse_args()
     curves = {}
     for spec in args.runs:
@@ -103,6 +107,17 @@ def main() -> None:
         print(f"\ntime to reach {args.metric} = {target:.4f} (the first run's final value)\n"
               + format_table(rows, floatfmt="{:.3f}"))
         result.update(target=target, time_to_target=rows)
+    if target is not None and args.each:
+        rows = []
+        for point in (p for p in first if p["step"] >= args.from_step):
+            row = {"first run's step": point["step"], args.metric: point[args.metric]}
+            for label, points in list(curves.items())[1:]:
+                reached = time_to(points, args.metric, point[args.metric])
+                row[f"{label}: time ratio"] = reached and reached[1] / point["minutes"]
+            rows.append(row)
+        print(f"\ntime to each of the first run's {args.metric} values, as a ratio of its time\n"
+              + format_table(rows, floatfmt="{:.3f}"))
+        result.update(time_to_each=rows)
     write_json(args.png.with_suffix(".json"), result)
     print(f"\nwritten {args.png} and {args.png.with_suffix('.json')}")
 

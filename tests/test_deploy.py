@@ -66,11 +66,44 @@ def assert_same(runtime, net, policy, consulted=None):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
-@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+@pytest.mark.parametrize("runtime", ["onnx", "onnx segments", "torch"])
 def test_runtime_matches_the_engine_for_every_policy(policy, runtime, exported):
+    """"onnx" runs one composed graph at batch size 1 where the policy compiles, "onnx
+    segments" one graph an exit at every batch size."""
     net, folder = exported
-    cls = OnnxEarlyExitModel if runtime == "onnx" else EarlyExitModel
-    assert_same(cls.from_pretrained(folder, policy=policy), net, policy)
+    if runtime == "torch":
+        model = EarlyExitModel.from_pretrained(folder, policy=policy)
+    else:
+        model = OnnxEarlyExitModel.from_pretrained(folder, policy=policy, fused=runtime == "onnx")
+    assert_same(model, net, policy)
+
+
+class StricterEntropy(EntropyExit):
+    """A user's policy: a subclass may decide otherwise, so it must not be compiled."""
+
+    def decide_one(self, logits, layer, state):
+        return False, state
+
+
+def test_one_sample_runs_one_composed_graph_where_the_policy_compiles(exported):
+    _, folder = exported
+    ids, mask, types = numpy_batch()
+    n = int(mask[0].sum())
+    one = (ids[:1, :n], mask[:1, :n], types[:1, :n])
+    for policy, composed in ((EntropyExit(0.3), True), (ConfidenceExit(0.8), True), (FixedExit(2), True),
+                             (NoExit(), True), (PatienceExit(1), False), (StricterEntropy(0.3), False)):
+        model = OnnxEarlyExitModel.from_pretrained(folder, policy=policy)
+        assert (model.fused is not None) == composed, policy.describe()
+        calls = []
+        for _, session in model.segments:
+            run = session.run
+            session.run = lambda out, feeds, run=run, calls=calls: calls.append(1) or run(out, feeds)
+        model.run(*one)
+        assert (not calls) == composed, policy.describe()
+        calls.clear()
+        model.run(ids, mask, types)  # batched: always segment by segment
+        assert calls, policy.describe()
+    assert OnnxEarlyExitModel.from_pretrained(folder, fused=False).fused is None
 
 
 def test_the_parity_above_covers_a_mix_of_exit_layers(exported):
@@ -138,13 +171,19 @@ def test_every_family_exports_and_runs_on_onnxruntime(family, tmp_path):
     net = spread_multi_exit(write_family(tmp_path, family))
     folder = save(tmp_path / "export", net, load_tokenizer("minilm"), spec_for(net, [2, 4]))
     assert read_spec(folder).consulted_exits == [2, 4]
-    policy = PatienceExit(1)
     ids, mask, types = (t.numpy() for t in family_batch(family))
-    want = early_exit(net, policy, *map(torch.from_numpy, (ids, mask, types)), exit_layers=[2, 4])
-    for cls in (OnnxEarlyExitModel, EarlyExitModel):
-        logits, layers = cls.from_pretrained(folder, policy=policy).run(ids, mask, types)
-        assert layers.tolist() == want.exit_layer.tolist(), (family, cls.__name__)
-        np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+    for policy in (PatienceExit(1), EntropyExit(0.5)):
+        want = early_exit(net, policy, *map(torch.from_numpy, (ids, mask, types)), exit_layers=[2, 4])
+        for cls in (OnnxEarlyExitModel, EarlyExitModel):
+            model = cls.from_pretrained(folder, policy=policy)
+            logits, layers = model.run(ids, mask, types)
+            assert layers.tolist() == want.exit_layer.tolist(), (family, cls.__name__)
+            np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+            for i in range(2):  # one sample: the composed graph on onnxruntime for entropy
+                n = int(mask[i].sum())
+                logits, layers = model.run(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
+                assert layers.tolist() == [want.exit_layer[i].item()], (family, cls.__name__, i)
+                np.testing.assert_allclose(logits[0], want.logits[i].numpy(), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- the folder is data
@@ -255,7 +294,8 @@ def test_deploy_imports_neither_lightning_nor_hydra():
 @pytest.mark.slow
 def test_minilm_on_real_sst2_dev(shared_glue, tmp_path):
     """MiniLM with (untrained, spread) exits after every layer, on the real SST-2 dev sentences:
-    the ONNX runtime and the Hydra-free loader answer as the PyTorch engine does."""
+    the ONNX runtime (segment by segment, and one composed graph at bs=1 for entropy) and the
+    Hydra-free loader answer as the PyTorch engine does."""
     from bench.deploy_speed import dev_set
 
     torch.manual_seed(0)
@@ -267,16 +307,22 @@ def test_minilm_on_real_sst2_dev(shared_glue, tmp_path):
     spec.max_length = 128
     folder = save(tmp_path / "m", net, load_tokenizer("minilm"), spec)
     texts, _ = dev_set(shared_glue)
-    onnx, engine = OnnxEarlyExitModel.from_pretrained(folder), EarlyExitModel.from_pretrained(folder)
-    for bs in (32, 1):
-        for start in range(0, 256 if bs > 1 else 32, bs):
-            enc = onnx.encode(texts[start:start + bs])
-            args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-            want = early_exit(net, onnx.policy, *map(torch.from_numpy, args))
-            for runtime in (onnx, engine):
-                logits, layers = runtime.run(*args)
-                assert layers.tolist() == want.exit_layer.tolist()
-                np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+    for policy in (PatienceExit(1), EntropyExit(0.5)):
+        onnx = OnnxEarlyExitModel.from_pretrained(folder, policy=policy)
+        engine = EarlyExitModel.from_pretrained(folder, policy=policy)
+        assert (onnx.fused is not None) == isinstance(policy, EntropyExit)
+        seen = set()
+        for bs in (32, 1):
+            for start in range(0, 256 if bs > 1 else 32, bs):
+                enc = onnx.encode(texts[start:start + bs])
+                args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+                want = early_exit(net, policy, *map(torch.from_numpy, args))
+                seen |= set(want.exit_layer.tolist())
+                for runtime in (onnx, engine):
+                    logits, layers = runtime.run(*args)
+                    assert layers.tolist() == want.exit_layer.tolist(), policy.describe()
+                    np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+        assert len(seen) > 1, policy.describe()  # the comparison covers several exit layers
 
 
 def test_one_model_is_safe_to_call_from_several_threads(exported):

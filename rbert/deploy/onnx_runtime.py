@@ -3,7 +3,10 @@
 :class:`OnnxEarlyExitModel` runs one exit's graph after another (the first starts from the
 tokens); after each it applies the *same policy objects* as the PyTorch engine
 (:mod:`rbert.inference.policies`), answers the samples that leave, drops their rows and
-the padding no remaining row needs, and runs the next graph on the rest.
+the padding no remaining row needs, and runs the next graph on the rest. At batch size 1,
+when the policy's rule compiles to ONNX operators (entropy, confidence, fixed, none), the
+same graphs run instead as one composed graph with the rule inside
+(:mod:`rbert.deploy.onnx_fused`): one session call a sample instead of one an exit.
 
 The graphs run in onnxruntime (the CPU provider by default; any provider by option). The
 policies are written in torch: at batch size 1 they decide on Python floats
@@ -15,6 +18,7 @@ layer.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from rbert.deploy.folder import DeploySpec, FolderError, read_spec
+from rbert.deploy.onnx_fused import compiles, fuse
 from rbert.deploy.predictor import Predictor, folder_policy
 from rbert.inference.engine import take_rows
 from rbert.inference.policies import ExitPolicy
@@ -39,9 +44,11 @@ class OnnxEarlyExitModel(Predictor):
 
     def __init__(self, folder: str | os.PathLike, spec: DeploySpec, tokenizer, policy: ExitPolicy,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, fused: bool = True):
         """``session_config``: onnxruntime session config entries instead of
-        :attr:`SESSION_CONFIG` (``{}``: onnxruntime's defaults)."""
+        :attr:`SESSION_CONFIG` (``{}``: onnxruntime's defaults). ``fused``: at batch size 1,
+        run the composed graph when the policy compiles (it holds a second copy of the
+        weights); ``False``: segment by segment at every batch size."""
         import onnxruntime as ort
 
         self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
@@ -53,12 +60,12 @@ class OnnxEarlyExitModel(Predictor):
             options.add_session_config_entry(key, value)
         folder = Path(folder)
 
-        def session(name: str):
+        def session(name: str, graph: bytes | None = None):
             path = folder / name
-            if not path.is_file():
+            if graph is None and not path.is_file():
                 raise FolderError(f"{folder}: {name} is missing (export with ONNX: mode=export export.onnx=true)")
             try:
-                return ort.InferenceSession(str(path), options, providers=list(providers))
+                return ort.InferenceSession(graph or str(path), options, providers=list(providers))
             except Exception as err:  # onnxruntime raises its own types for unreadable graphs
                 raise FolderError(f"{path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from err
 
@@ -77,17 +84,26 @@ class OnnxEarlyExitModel(Predictor):
             if isinstance(width, int) and width != spec.num_labels:
                 raise FolderError(f"{folder / s.file}: answers {width} logits; config.json has "
                                   f"{spec.num_labels} labels")
+        self.fused = None  # the composed graph for batch size 1, where the policy compiles
+        if fused and compiles(policy) and len(self.segments) > 1:
+            files = [folder / s.file for s in spec.segments]
+            try:
+                graph = fuse(files, [s.exit for s in spec.segments], policy, spec.num_labels)
+            except ValueError as err:  # the graphs still run one by one
+                warnings.warn(f"{folder}: batch size 1 runs segment by segment: {err}", stacklevel=2)
+            else:
+                self.fused = session(spec.segments[0].file, graph.SerializeToString())
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
                         providers: Sequence[str] = ("CPUExecutionProvider",),
-                        threads: int | None = None, session_config: dict[str, str] | None = None
-                        ) -> OnnxEarlyExitModel:
+                        threads: int | None = None, session_config: dict[str, str] | None = None,
+                        fused: bool = True) -> OnnxEarlyExitModel:
         from transformers import AutoTokenizer
 
         spec = read_spec(folder)
         return cls(folder, spec, AutoTokenizer.from_pretrained(folder), folder_policy(spec, policy, str(folder)),
-                   providers, threads, session_config)
+                   providers, threads, session_config, fused)
 
     def run(self, input_ids, attention_mask, token_type_ids=None):
         if token_type_ids is None:
@@ -99,6 +115,9 @@ class OnnxEarlyExitModel(Predictor):
         return self._batch(feeds, attention_mask)
 
     def _one(self, feeds: dict[str, np.ndarray], mask: np.ndarray):
+        if self.fused is not None:
+            logits, layer = self.fused.run(None, {**feeds, "attention_mask": mask})
+            return logits, layer
         state = self.policy.start_one()
         for layer, session in self.segments:
             hidden, logits = session.run(None, {**feeds, "attention_mask": mask})
