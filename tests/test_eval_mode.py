@@ -116,3 +116,33 @@ def test_timing_keeps_each_items_best_and_takes_turns():
     # pass 1 in the order a, b; pass 2 in the order b, a: item by item
     assert log[2:8] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert log[8:] == [("b", 0), ("a", 0), ("b", 1), ("a", 1), ("b", 2), ("a", 2)]
+
+
+def test_eval_against_a_plain_reference_and_the_chance_flag(romebert_ckpt, glue_dir, tmp_path):
+    """eval.reference: the plain model a user would deploy instead, scored and timed in the same
+    turns; a final exit at chance level gets a flag instead of a speed-up."""
+    common = [f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null", "logger=none", "test=false",
+              "eval.after_train=false"]
+    run_cli(tmp_path / "plain", "model=bert", "trainer.max_epochs=4", "model.optimizer.lr=2e-3", *common)
+    plain = tmp_path / "plain" / "checkpoints" / "best.ckpt"
+    timing = ["eval.timing_samples=4", "eval.timing_batches=1", "eval.batch_size=8"]
+    run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", f"eval.reference={plain}",
+            f"data_dir={glue_dir}", *timing)
+    summary = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert summary["reference"]["checkpoint"] == str(plain)
+    final = summary["forced"][-1]["accuracy"]
+    for row in summary["sweep"]:
+        assert row["drop_vs_plain"] == pytest.approx(100 * (summary["reference"]["accuracy"] - row["accuracy"]))
+        assert row["speedup_vs_plain_bs1"] > 0 and row["speedup_vs_plain_batched"] > 0
+    assert final > 0.6  # the tiny task is learnt: no chance flag
+    proc = run_cli(tmp_path / "bad", "mode=eval", f"ckpt_path={romebert_ckpt}", f"eval.reference={romebert_ckpt}",
+                   f"data_dir={glue_dir}", *timing, check=False)
+    assert proc.returncode != 0 and "eval.reference" in proc.stderr + proc.stdout
+
+    # lr 1e-9: the exits stay at their random initialisation, at chance on the balanced dev set.
+    run_cli(tmp_path / "untrained", "model=romebert", "trainer.max_epochs=1", "model.optimizer.lr=1e-9", *common)
+    proc = run_cli(tmp_path / "ev0", "mode=eval", f"ckpt_path={tmp_path / 'untrained' / 'checkpoints' / 'best.ckpt'}",
+                   f"data_dir={glue_dir}", *timing)
+    summary = json.loads((tmp_path / "ev0" / "eval.json").read_text())
+    assert summary["at_chance"] is True and "sweep" not in summary
+    assert "at chance level" in proc.stdout

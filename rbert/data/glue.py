@@ -76,11 +76,18 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
         seed: picks the ``train_limit`` subset and shuffles the training rows (per epoch).
         cache_dir: where ``datasets`` keeps its Arrow caches (``None``: its default).
         shuffle: shuffle the training rows each epoch (off only to compare runs batch for batch).
+        select_rows: carve this many rows out of the training file as a *selection* split
+            (never trained on; taken before ``train_limit``). It becomes the validation set
+            (checkpoint choice, ``val/*``) and the one early exit picks its threshold on, so
+            the dev set is only reported (the ``test`` stage). ``None``: validate on dev.
+        select_seed: picks the selection rows; fixed, not the run's seed, so every run of a
+            sweep holds out the same rows.
     """
 
     def __init__(self, task: TaskSpec, backbone: str, data_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int = 128, train_limit: int | None = None,
-                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None, shuffle: bool = True):
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None, shuffle: bool = True,
+                 select_rows: int | None = None, select_seed: int = 0):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, "
@@ -89,6 +96,8 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
             raise ConfigError(f"data.max_length must be at least 8 tokens, got {max_length}")
         if train_limit is not None and train_limit < 1:
             raise ConfigError(f"data.train_limit must be >= 1 (or null: all rows), got {train_limit}")
+        if select_rows is not None and select_rows < 1:
+            raise ConfigError(f"data.select_rows must be >= 1 (or null: no selection split), got {select_rows}")
         self.task = task
         self.backbone = backbone
         self.data_dir = data_dir
@@ -100,6 +109,8 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.shuffle = shuffle
+        self.select_rows = select_rows
+        self.select_seed = select_seed
         self.tokenizer = load_tokenizer(backbone)
         self.collate = DataCollatorWithPadding(self.tokenizer)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -215,13 +226,21 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # Evaluation alone (validate/test/predict) does not need the training split tokenised.
-        needed = [s for s in self.task.splits if s != "train" or stage in (None, "fit")]
+        # ... unless the selection split, carved from it, is wanted.
+        needed = [s for s in self.task.splits if s != "train" or stage in (None, "fit") or self.select_rows]
         if all(s in self.splits for s in needed):
             return
         for split in needed:
             if split not in self.splits:
                 self.splits[split] = self.encode(split)
         train = self.splits.get("train")
+        if train is not None and self.select_rows:
+            if self.select_rows >= len(train):
+                raise ConfigError(f"data.select_rows={self.select_rows} leaves no training rows "
+                                  f"(the training split has {len(train)})")
+            order = np.random.default_rng(self.select_seed).permutation(len(train))
+            self.splits["select"] = train.select(np.sort(order[:self.select_rows]))
+            train = self.splits["train"] = train.select(np.sort(order[self.select_rows:]))
         if train is not None and self.train_limit is not None and self.train_limit < len(train):
             rows = np.sort(np.random.default_rng(self.seed).permutation(len(train))[: self.train_limit])
             self.splits["train"] = train.select(rows)
@@ -239,6 +258,18 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
         return self._loader(self.splits[self.task.eval_splits[index]], batch_size or self.eval_batch_size,
                             sharded=False)
 
+    def selection_loader(self, batch_size: int | None = None) -> DataLoader:
+        """Where thresholds are chosen: the selection split if ``select_rows`` carved one, else the
+        first dev set (then the dev numbers reported beside a choice are not held out)."""
+        self.setup("validate")
+        split = "select" if "select" in self.splits else self.task.eval_splits[0]
+        return self._loader(self.splits[split], batch_size or self.eval_batch_size, sharded=False)
+
+    @property
+    def val_splits(self) -> list[str]:
+        """What validation (and the checkpoint choice) runs on: the selection split, or the dev sets."""
+        return ["select"] if self.select_rows else self.task.eval_splits
+
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
         # Seeded shuffle (or file order), split over DDP ranks, resumable mid-epoch.
@@ -247,7 +278,7 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.splits[s], self.eval_batch_size) for s in self.task.eval_splits]
+        return [self._loader(self.splits[s], self.eval_batch_size) for s in self.val_splits]
 
     def test_dataloader(self) -> list[DataLoader]:
         # GLUE test labels are hidden, so "test" evaluates the dev set(s) unless a labelled test split is given.

@@ -5,6 +5,11 @@
   layer) and expected saving, simulated from that pass (exactly what the engine answers);
 * measured wall-clock time of the engine at batch size 1 and batched, against a full
   forward pass, for every sweep point;
+* with ``eval.reference=<a plain model's checkpoint>`` (what a user would deploy instead),
+  that model's dev metric and its wall-clock time in the same turns: every sweep point
+  gains "drop vs plain" and "speed-up vs plain";
+* a flag instead of speed-ups when the final exit is at chance level (every sample could
+  leave at exit 1 "at no drop");
 * a table, ``sweep.csv`` / ``eval.json`` and ``sweep.png`` in the run folder (and W&B).
 """
 
@@ -23,7 +28,7 @@ from rbert.inference.engine import EarlyExit, simulate
 from rbert.inference.plot import plot_curves
 from rbert.inference.policies import BudgetExit, NoExit
 from rbert.inference.prepare import dev_loader, prepare
-from rbert.inference.sweep import exit_logits, only, sweep, task_metric
+from rbert.inference.sweep import at_chance, exit_logits, only, sweep, task_metric
 from rbert.inference.timing import measure, timing_inputs
 from rbert.progress import track
 from rbert.report import atomic_write_text, format_table, write_json
@@ -55,8 +60,19 @@ def run(cfg: DictConfig) -> dict:
         write_json(out / "eval.json", summary)
         return summary
 
+    if at_chance(task, logits[-1], labels):
+        summary["at_chance"] = True
+        print(f"\nthe final exit's dev {task.monitor} is at chance level: no early-exit sweep or speed-up is "
+              "reported (every sample could leave at exit 1 at no drop). Train longer or with another lr.")
+        write_json(out / "eval.json", summary)
+        return summary
     base = policy.base if isinstance(policy, BudgetExit) else policy
     rows = sweep(base, logits, labels, layers, task)
+    reference = plain_reference(cfg, task, loader, device, autocast)
+    if reference is not None:
+        summary["reference"] = {"checkpoint": cfg.eval.reference, task.monitor: reference[1]}
+        for row in rows:
+            row["drop_vs_plain"] = 100 * (reference[1] - row[task.monitor])
     # Wall-clock at bs=1 and batched against a full pass, on bounded samples of the dev set;
     # the bs=1 sample gets its own layer-count speed-up to compare with.
     inputs = timing_inputs(setup.datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
@@ -67,7 +83,8 @@ def run(cfg: DictConfig) -> dict:
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
         timed_layers = simulate(p, logits, layers).exit_layer[inputs.indices].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
-        measured = measure(net, p, layers, inputs, device, autocast, cfg.eval.timing_repeats, full)
+        measured = measure(net, p, layers, inputs, device, autocast, cfg.eval.timing_repeats, full,
+                           reference and reference[0])
         full_1 = min(full_1, measured.pop("full_seconds_bs1"))
         full_b = min(full_b, measured.pop("full_seconds_batched"))
         row.update(measured)
@@ -97,3 +114,18 @@ def run(cfg: DictConfig) -> dict:
     log.info("evaluation written to %s", out)
     return summary
 
+
+
+def plain_reference(cfg: DictConfig, task, loader, device, autocast):
+    """``eval.reference``'s model and its dev metric (None without one). It must be a
+    single-exit fine-tuned checkpoint of the same task: the model early exit competes with."""
+    if not cfg.eval.get("reference"):
+        return None
+    from rbert.inference.checkpoint import load_task_system
+
+    system, _, _ = load_task_system(cfg.eval.reference)
+    if len(system.exit_layers) != 1 or system.task.name != task.name:
+        raise ConfigError(f"eval.reference: {cfg.eval.reference} is not a plain (single-exit) {task.name} model")
+    system.to(device).eval()
+    logits, labels = exit_logits(system, loader, device, autocast)
+    return system.net, task_metric(task, logits[-1], labels)[task.monitor]

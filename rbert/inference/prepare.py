@@ -60,7 +60,9 @@ def prepare(cfg: DictConfig, loaded: tuple | None = None) -> Setup:
     net = multi_exit_net(system, policy.base if isinstance(policy, BudgetExit) else policy, layers)
     device, autocast = placement(cfg.eval)
     system.to(device)
-    datamodule = build_datamodule(cfg, system.task, backbone=train_cfg.backbone)
+    # A run trained with a selection split keeps it held out here: thresholds are chosen on it.
+    select = cfg.data.get("select_rows") or train_cfg.get("data", {}).get("select_rows")
+    datamodule = build_datamodule(cfg, system.task, backbone=train_cfg.backbone, select_rows=select)
     return Setup(policy, system, net, trained, layers, device, autocast, datamodule, train_cfg)
 
 
@@ -69,12 +71,13 @@ def dev_loader(datamodule):
 
 
 def resolve_budget(setup: Setup) -> tuple[ExitPolicy, dict | None]:
-    """The policy to answer with: a budget policy's choice of threshold on the dev set (and the
-    choice, as :meth:`BudgetExit.choose` reports it), or the policy itself."""
+    """The policy to answer with: a budget policy's choice of threshold (and the choice, as
+    :meth:`BudgetExit.choose` reports it), or the policy itself. The choice is made on the
+    selection split when the run held one out (``data.select_rows``), else on the dev set."""
     policy = setup.policy
     if not isinstance(policy, BudgetExit):
         return policy, None
-    logits, labels = exit_logits(setup.system, dev_loader(setup.datamodule), setup.device, setup.autocast)
+    logits, labels = exit_logits(setup.system, setup.datamodule.selection_loader(), setup.device, setup.autocast)
     logits = only(logits, setup.system.exit_layers, setup.layers)
     rows = sweep(policy.base, logits, labels, setup.layers, setup.system.task)
     return policy.choose(rows, as_policy=True), policy.choose(rows)

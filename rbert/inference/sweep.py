@@ -23,6 +23,17 @@ def task_metric(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> d
 
 
 @torch.no_grad()
+def at_chance(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.02) -> bool:
+    """Whether ``logits`` score what a constant answer would: the majority class's accuracy (within
+    ``margin``), or an MCC / F1 / correlation within ``margin`` of 0 (a one-class answer's). An
+    early-exit report on such a model would call leaving at the first exit free."""
+    value = task_metric(task, logits, labels)[task.monitor]
+    if task.monitor == "accuracy":
+        majority = torch.bincount(labels.long()).max().item() / len(labels)
+        return value <= majority + margin
+    return abs(value) < margin + 0.03
+
+
 def exit_logits(system: TaskSystem, loader, device: torch.device, autocast) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every exit's logits on every sample (one full pass), and the labels."""
     outs, labels = [], []

@@ -87,16 +87,25 @@ def timing_inputs(loader, device: torch.device, samples: int, batches: int | Non
 
 
 def measure(net: MultiExitBert, policy: ExitPolicy, layers: list[int], inputs: TimingInputs, device, autocast,
-            repeats: int, full: EarlyExit | None = None) -> dict[str, float]:
+            repeats: int, full: EarlyExit | None = None, reference=None) -> dict[str, float]:
     """Measured wall-clock speed-up of early exit with ``policy`` over a full pass, at bs=1 and batched.
 
     The full pass is the same engine with only the final exit (identical code but for the
     exits); each input is timed in turns with it (see :func:`time_in_turns`): timings drift.
+    ``reference``: another model called as ``reference(input_ids, attention_mask,
+    token_type_ids)`` (the plain fine-tuned model a user would deploy instead), timed in the
+    same turns; the speed-ups over it come back too.
     """
     full = full or EarlyExit(net, NoExit(), exit_layers=layers[-1:])
-    engine = EarlyExit(net, policy, layers)
-    one = time_runs({"full": full, "exit": engine}, inputs.single, device, autocast, repeats)
-    many = time_runs({"full": full, "exit": engine}, inputs.batched, device, autocast, repeats)
-    return {"measured_speedup_bs1": one["full"] / one["exit"], "measured_speedup_batched": many["full"] / many["exit"],
-            "full_seconds_bs1": one["full"], "full_seconds_batched": many["full"]}
+    engines = {"full": full, "exit": EarlyExit(net, policy, layers)}
+    if reference is not None:
+        engines["plain"] = reference
+    one = time_runs(engines, inputs.single, device, autocast, repeats)
+    many = time_runs(engines, inputs.batched, device, autocast, repeats)
+    out = {"measured_speedup_bs1": one["full"] / one["exit"], "measured_speedup_batched": many["full"] / many["exit"],
+           "full_seconds_bs1": one["full"], "full_seconds_batched": many["full"]}
+    if reference is not None:
+        out.update(speedup_vs_plain_bs1=one["plain"] / one["exit"],
+                   speedup_vs_plain_batched=many["plain"] / many["exit"])
+    return out
 

@@ -108,6 +108,17 @@ class AlbertModel(Encoder):
     def layers(self) -> list[nn.Module]:
         return self._applications
 
+    def keep_layers(self, k: int) -> None:
+        """k applications of the shared layer. With several layer groups, the first k
+        applications of L are not what a k-application config maps to its groups (which
+        spreads the groups over k): refused rather than saved as a different model."""
+        groups, total = self.config.num_hidden_groups, self.config.num_hidden_layers
+        if groups > 1 and k < total and [int(i / (total / groups)) for i in range(k)] != \
+                [int(i / (k / groups)) for i in range(k)]:
+            raise ValueError(f"an ALBERT with {groups} layer groups cannot keep {k} of its {total} "
+                             "applications (a k-layer config would map them to other groups)")
+        super().keep_layers(k)
+
     @property
     def pooler_dense(self) -> nn.Linear:
         return self.pooler

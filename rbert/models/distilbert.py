@@ -96,6 +96,7 @@ class DistilBertModel(Encoder):
     hf_class = "DistilBertModel"
     model_types = ("distilbert",)
     dropout_fields = ("dropout", "attention_dropout")
+    depth_field = "n_layers"
 
     def __init__(self, config):
         super().__init__()

@@ -54,6 +54,8 @@ class Encoder(nn.Module):
     dropout_fields: ClassVar[tuple[str, str]] = ("hidden_dropout_prob", "attention_probs_dropout_prob")
     # Prefixes of checkpoint weights this family leaves out (RoBERTa's unused pooler).
     ignored_keys: ClassVar[tuple[str, ...]] = ()
+    # The config field that counts the layer applications (DistilBERT names it differently).
+    depth_field: ClassVar[str] = "num_hidden_layers"
 
     config: object
 
@@ -103,6 +105,19 @@ class Encoder(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def keep_layers(self, k: int) -> None:
+        """Keep the first ``k`` layer applications and drop the rest, weights included.
+
+        Static depth: a model cut to ``k`` layers *before* fine-tuning is the baseline every
+        early-exit speed-up must beat (and a product for a user who wants one fixed speed).
+        The config is updated too, so ``save_pretrained`` writes a ``k``-layer checkpoint that
+        ``transformers`` and rbert load as such.
+        """
+        if not 1 <= k <= self.num_layers:
+            raise ValueError(f"cannot keep {k} layers of a {self.num_layers}-layer encoder (1..{self.num_layers})")
+        del self.layers[k:]  # a ModuleList (its parameters go too) or ALBERT's list of applications
+        setattr(self.config, self.depth_field, k)
 
     # ------------------------------------------------------------------ forward, from the interface
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

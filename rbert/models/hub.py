@@ -83,14 +83,27 @@ def family_of(backbone: str, config) -> type[Encoder]:
 
 
 def load_encoder(backbone: str, attention: str = "softmax", feed_forward: str = "dense",
-                 dropout: float | None = None, pretrained: bool = True) -> Encoder:
+                 dropout: float | None = None, pretrained: bool = True, num_layers: int | None = None) -> Encoder:
     """The encoder of ``backbone`` with its weights (random ones for ``tiny``), of the family its
     config.json names (:data:`rbert.models.families.FAMILIES`).
 
     ``dropout`` overrides the checkpoint's hidden and attention dropout rates;
     ``pretrained=False`` takes only the checkpoint's shape and vocabulary and initialises the
-    weights at random (the from-scratch baseline of a pre-trained backbone).
+    weights at random (the from-scratch baseline of a pre-trained backbone); ``num_layers=k``
+    keeps the first k layer applications (static depth: the model is then fine-tuned, saved
+    and exported at depth k).
     """
+    encoder = _load_encoder(backbone, attention, feed_forward, dropout, pretrained)
+    if num_layers is not None and num_layers != encoder.num_layers:
+        try:
+            encoder.keep_layers(int(num_layers))
+        except ValueError as err:
+            raise ConfigError(f"model.net.bert.num_layers: {err}") from err
+    return encoder
+
+
+def _load_encoder(backbone: str, attention: str, feed_forward: str, dropout: float | None,
+                  pretrained: bool) -> Encoder:
     if backbone == "tiny":
         overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         config = BertConfig(vocab_size=load_tokenizer("tiny").vocab_size, **TINY_CONFIG, **overrides)

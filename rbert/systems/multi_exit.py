@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
 from rbert.models.multi_exit import MultiExitBert
 from rbert.systems.base import TaskSystem
+from rbert.systems.distill import Teacher, check_kd, kd_term
 
 
 class MultiExitSystem(TaskSystem):
@@ -89,9 +89,6 @@ class DeeBERT(MultiExitSystem):
         return torch.stack([self.loss(z, labels) for z in logits[:-1]]).sum(), {}
 
 
-KD_REDUCTIONS = ("mean", "batchmean")
-
-
 class RomeBERT(MultiExitSystem):
     """One stage, exits and backbone together, with self-distillation (SD) and gradient regularisation (GR).
 
@@ -100,6 +97,10 @@ class RomeBERT(MultiExitSystem):
         L = CE(z_L, y) + sum_{i<L} [(1 - gamma) CE(z_i, y) + gamma T^2 KL(softmax(z_L/T) || softmax(z_i/T))]
     For regression the distillation term is the MSE to the teacher's prediction.
     ``self_distillation=false`` gives the plain joint loss (sum of every exit's loss).
+
+    ``teacher``: a fine-tuned checkpoint (e.g. the plain ``model=bert``) whose logits replace
+    z_L as the distillation target, for every exit, the final one included (its term is then
+    (1 - gamma) CE + gamma KD like the others'); see :mod:`rbert.systems.distill`.
 
     ``kd_reduction`` is how the KL term is averaged: ``mean`` (the reference code's
     ``nn.KLDivLoss()`` default: the summed KL divided by batch x classes) or ``batchmean``
@@ -115,23 +116,22 @@ class RomeBERT(MultiExitSystem):
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_ratio: float = 0.1, self_distillation: bool = True, temperature: float = 3.0,
                  gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto",
-                 kd_reduction: str = "mean"):
+                 kd_reduction: str = "mean", teacher: str | None = None):
         super().__init__(task, net, optimizer, warmup_ratio)
-        if kd_reduction not in KD_REDUCTIONS:
-            raise ConfigError(f"model.kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
+        check_kd(temperature, gamma, kd_reduction)
         if anchor == "auto":
             anchor = "final" if task.name in ("mnli", "qqp") else "exits"
         if anchor not in ("final", "exits"):
             raise ConfigError(f"model.anchor must be final, exits or auto, got {anchor!r}")
-        if not 0.0 <= gamma <= 1.0 or temperature <= 0:
-            raise ConfigError(f"model.gamma must lie in [0, 1] and model.temperature be > 0, got {gamma}, "
-                              f"{temperature}")
+        if teacher and not self_distillation:
+            raise ConfigError("model.teacher needs model.self_distillation=true (the teacher's logits are its target)")
         self.self_distillation = self_distillation
         self.kd_reduction = kd_reduction
         self.temperature = temperature
         self.gamma = gamma
         self.gradient_regularization = gradient_regularization
         self.anchor = anchor
+        self.teacher = Teacher(teacher, task) if teacher else None
         # The weights of the layers below the last; ALBERT's shared layer counts once.
         params = {id(p): p for layer in list(net.bert.layers)[:-1] for name, p in layer.named_parameters()
                   if name.endswith("weight") and p.ndim == 2}
@@ -142,21 +142,18 @@ class RomeBERT(MultiExitSystem):
     def exit_term(self, z: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.self_distillation:
             return self.loss(z, labels)
-        if self.task.is_regression:
-            distill = F.mse_loss(z.squeeze(-1).float(), teacher.squeeze(-1).float())
-        else:
-            t = self.temperature
-            kl = F.kl_div(F.log_softmax(z.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
-                          log_target=True, reduction="sum")
-            # Spelled out: torch has announced that its reduction="mean" will become "batchmean".
-            distill = t * t * kl / (z.numel() if self.kd_reduction == "mean" else z.shape[0])
+        distill = kd_term(z, teacher, self.temperature, self.kd_reduction, self.task.is_regression)
         return (1 - self.gamma) * self.loss(z, labels) + self.gamma * distill
 
     def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(final-exit term, sum of internal-exit terms)."""
         logits, labels = self(batch), batch["labels"]
-        teacher = logits[-1].detach()
-        final = self.loss(logits[-1], labels)
+        if self.teacher is not None:
+            teacher = self.teacher.logits(batch)
+            final = self.exit_term(logits[-1], teacher, labels)
+        else:
+            teacher = logits[-1].detach()
+            final = self.loss(logits[-1], labels)
         exits = torch.stack([self.exit_term(z, teacher, labels) for z in logits[:-1]]).sum()
         return final, exits
 
