@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+RECORDS = REPO / "bench" / "records" / "frontier"
 BOOTSTRAP = 2000
 MODES = ("bs1", "batched")
 
@@ -74,7 +75,7 @@ def answers(entry: dict, point: dict, split: str = "dev") -> tuple[np.ndarray, n
     from rbert.inference.engine import simulate
     from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit
 
-    arrays = np.load(REPO / entry["arrays"])
+    arrays = np.load(RECORDS / Path(*Path(entry["arrays"]).parts[-2:]))  # <plan>/<key>.npz beside the record
     logits, labels = arrays[f"{split}_logits"], arrays[f"{split}_labels"]
     if point["policy"] == "none":
         return logits[-1], labels

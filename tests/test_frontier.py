@@ -192,7 +192,7 @@ def test_frontier_evaluates_a_checkpoint_and_reports_the_plane(glue_dir, tmp_pat
               "data.train_limit=null", "data.batch_size=16", "data.select_rows=16"]
     runs = {"plain": ["model=bert"], "static-2": ["model=bert", "model.net.bert.num_layers=2"],
             "romebert": ["model=romebert"]}
-    monkeypatch.setattr(frontier_report, "REPO", tmp_path)
+    monkeypatch.setattr(frontier_report, "RECORDS", tmp_path)
     monkeypatch.setattr(frontier_report, "BOOTSTRAP", 50)
     entries = []
     for name, overrides in runs.items():
@@ -200,8 +200,9 @@ def test_frontier_evaluates_a_checkpoint_and_reports_the_plane(glue_dir, tmp_pat
         floor = entries[0]["per_exit"]["select"][-1] if entries else None
         result, arrays = frontier.evaluate_job(tmp_path / name / "checkpoints" / "best.ckpt", floor, 1.0,
                                                samples=4, batches=1, repeats=1)
-        np.savez(tmp_path / f"{name}.npz", **arrays)
-        entries.append({"key": name, "name": name, "seed": 42, "arrays": f"{name}.npz", **result})
+        (tmp_path / "test").mkdir(exist_ok=True)
+        np.savez(tmp_path / "test" / f"{name}.npz", **arrays)
+        entries.append({"key": name, "name": name, "seed": 42, "arrays": f"test/{name}.npz", **result})
         assert arrays["select_logits"].shape[1] == 16 and arrays["dev_logits"].shape[1] == 32
         assert len(result["per_exit"]["dev"]) == len(result["exit_layers"])
         for point in result["points"]:
