@@ -24,15 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.runs import checkpoint  # noqa: E402
 from rbert.inference.plot import plot_curves  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
-
-
-def checkpoint(run_dir: Path) -> Path:
-    for candidate in ("checkpoints/best.ckpt", "checkpoints/stage2/best.ckpt", "checkpoints/stage2/last.ckpt"):
-        if (run_dir / candidate).is_file():
-            return run_dir / candidate
-    raise SystemExit(f"no checkpoint under {run_dir}")
 
 
 def main() -> None:

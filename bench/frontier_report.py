@@ -190,7 +190,7 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
                     continue
                 ee = interpolate(curve, x)
                 comparisons.append({"speed": mode, "configuration": name, "policy": policy, "static": n,
-                                    "its speed-up": x, f"its {metric}": y, f"early exit at {n}'s speed-up": ee,
+                                    "its speed-up": x, f"its {metric}": y, "early exit there": ee,
                                     "early exit - static": None if ee is None else ee - y})
             gains = [y - s for x, y in curve if (s := interpolate([(a, b) for a, b, _ in static], x)) is not None]
             gains_rows.append({"speed": mode, "configuration": name, "policy": policy,
@@ -203,7 +203,7 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
         row = {"configuration": name, "policy": policy, "threshold": ",".join(map(str, budget["thresholds"])),
                f"dev {metric}": budget["dev"], "seed sd": budget["dev_sd"], "bs=1": budget["bs1"],
                "batched": budget["batched"], "layer": budget["layer_speedup"]}
-        for other in ("plain", nearest_static(agg, budget["bs1"])):
+        for column, other in (("vs plain", "plain"), ("vs nearest static", nearest_static(agg, budget["bs1"]))):
             if other is None or other not in agg:
                 continue
             ref = agg[other][0]
@@ -211,7 +211,8 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
                      for r, rp in ref["found"] if r["seed"] == e["seed"]] or \
                     [(answers(e, p)[0], *answers(*ref["found"][0])) for e, p in budget["found"][:1]]
             ci = paired_bootstrap(metric, pairs)
-            row[f"vs {other} [95% CI]"] = f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
+            label = "" if other == "plain" else f"{other}: "
+            row[f"{column} [95% CI]"] = f"{label}{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
         row["goal (>=2x bs=1, within 1 of plain)"] = bool(plain and not budget["chance"] and budget["bs1"] >= 2.0
                                                           and budget["dev"] >= plain["dev"] - 1.0)
         budgets.append(row)
