@@ -90,6 +90,10 @@ PLANS = {
         "deebert-lr5e-5": ["model=deebert", "model.optimizer.lr=5e-5"],
         "deebert-lr2e-4": ["model=deebert", "model.optimizer.lr=2e-4"],
     }),
+    # The larger budget: every SST-2 training row but the 2,000 held out, 1 epoch; the plain
+    # model, static depth at the goal's 2x, and the best multi-exit configuration of "sst2".
+    "sst2_full": Plan([o for o in SST2 if not o.startswith("data.train_limit")] + ["data.train_limit=null"],
+                      {"plain": PLAIN, "static-3": STATIC["static-3"], "deebert": MULTI_EXIT["deebert"]}),
     # A task where depth pays (plain MCC 0.114 at 6 layers, 0.019 at 3, on 1 epoch): CoLA,
     # every training row but 1,000 held out, 3 epochs.
     "cola": Plan(["task=cola", "data_dir=../shared/data/glue", "data.train_limit=null", "data.select_rows=1000",
