@@ -256,8 +256,11 @@ def plot(agg: dict, metric: str, png: Path, title: str) -> None:
         ax.plot([s[0] for s in static], [s[1] for s in static], "k-s", lw=2, label="plain + static depth")
         for x, y, n in static:
             ax.annotate(n.replace("static-", "k="), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for (name, policy), pts in curves(agg).items():
-            ax.plot([p[mode] for p in pts], [p["dev"] for p in pts], "o--", ms=4, label=f"{name} / {policy}")
+        names = sorted({name for name, _ in curves(agg)})
+        styles = {"entropy": "o-", "confidence": "s--", "patience": "^:"}
+        for (name, policy), pts in curves(agg).items():  # a colour per configuration, a line per policy
+            ax.plot([p[mode] for p in pts], [p["dev"] for p in pts], styles.get(policy, "o-"), ms=4,
+                    color=f"C{names.index(name)}", label=f"{name} / {policy}")
         ax.set_xlabel(f"measured speed-up over the plain full-depth model ({'bs=1' if mode == 'bs1' else 'batched'})")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"dev {metric} (x100)")
