@@ -17,7 +17,7 @@ import yaml
 from tests.glue_files import write_task
 from tests.test_configs import make_config
 from tests.test_pretrain import NO_DROPOUT, pretrain_cli
-from tests.test_run import REPO, results, run_cli, state
+from tests.test_run import REPO, pinned_model, results, run_cli, state
 from tests.wandb_log import read_run
 
 # SGD, so that weights differ as much as gradients do (Adam's first steps would hide it).
@@ -26,7 +26,7 @@ SGD = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0"]
 
 def multirun(sweep_dir: Path, *overrides: str, config: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "run.py", "-m", *(["--config-name", config] if config else []),
-           f"hydra.sweep.dir={sweep_dir}", *overrides]
+           *pinned_model(overrides, config), f"hydra.sweep.dir={sweep_dir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -133,7 +133,8 @@ def test_optuna_sweep_optimises_the_validation_metric(glue_dir, tmp_path):
 
 def test_torchrun_starts_the_ranks_and_they_share_one_run_folder(glue_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
-           "trainer=ddp_cpu", "backbone=tiny", f"data_dir={glue_dir}", "debug=limit", "eval.after_train=false",
+           "trainer=ddp_cpu", "backbone=tiny", "model=romebert", f"data_dir={glue_dir}", "debug=limit",
+           "eval.after_train=false",
            f"paths.log_dir={tmp_path}", "logger=none"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
