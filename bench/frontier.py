@@ -104,8 +104,9 @@ PLANS = {
 
 # ---------------------------------------------------------------------------- evaluation of one job
 def evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int, batches: int,
-                 repeats: int) -> dict:
-    """Exit logits on the selection and dev sets, and the timed points of one checkpoint.
+                 repeats: int) -> tuple[dict, dict]:
+    """Exit logits on the selection and dev sets, and the timed points of one checkpoint: what
+    goes in the record, and the arrays kept beside it.
 
     ``floor``: the plain model's selection-split metric (None: this model's own final exit);
     the budget point is the largest speed-up within ``max_drop`` points of it.

@@ -6,7 +6,9 @@ whole (append + flush + fsync of one line), holding the job's key, its ``run.py`
 overrides, what it measured, and where its checkpoint lies. A job whose key is in the
 file is skipped; a job that was killed left no line, and its run folder's ``last.ckpt``
 lets ``run.py ckpt_path=auto`` go on where it stopped. The key hashes the overrides, so
-changing a configuration makes it a new job rather than silently reusing an old result.
+changing a configuration makes it a new job rather than silently reusing an old result; it
+does not hash the config files' defaults, so a plan states every setting it compares (or
+takes a new name when a default it relies on changes).
 
 The frontier bench (``bench/frontier.py``) uses it; so can any bench that trains.
 """
