@@ -48,13 +48,17 @@ def after_training(cfg: DictConfig, system: TaskSystem, datamodule, loggers: lis
     device, autocast = placement(cfg.eval)
     system.to(device).eval()
     # The threshold is chosen on the selection split when the run held one out, and reported on dev.
-    select_logits, select_labels = exit_logits(system, datamodule.selection_loader(), device, autocast)
-    chosen = budget.choose(sweep(budget.base, only(select_logits, system.exit_layers, trained), select_labels,
-                                 trained, task))
-    chosen_policy = budget.base.with_threshold(chosen["threshold"])
     logits, labels = exit_logits(system, datamodule.eval_loader(0), device, autocast)
     logits = only(logits, system.exit_layers, trained)
-    row = next(r for r in sweep(budget.base, logits, labels, trained, task) if r["threshold"] == chosen["threshold"])
+    rows = sweep(budget.base, logits, labels, trained, task)
+    if getattr(datamodule, "select_rows", None):  # else the selection loader is the dev set: no second pass
+        select_logits, select_labels = exit_logits(system, datamodule.selection_loader(), device, autocast)
+        chosen = budget.choose(sweep(budget.base, only(select_logits, system.exit_layers, trained), select_labels,
+                                     trained, task))
+    else:
+        chosen = budget.choose(rows)
+    chosen_policy = budget.base.with_threshold(chosen["threshold"])
+    row = next(r for r in rows if r["threshold"] == chosen["threshold"])
     inputs = timing_inputs(datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
                            cfg.eval.timing_batches)
     measured = measure(net, chosen_policy, trained, inputs, device, autocast, cfg.eval.timing_repeats)
