@@ -111,6 +111,14 @@ def evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int,
     ``floor``: the plain model's selection-split metric (None: this model's own final exit);
     the budget point is the largest speed-up within ``max_drop`` points of it.
     """
+    import torch
+
+    with torch.no_grad():  # scoped: the caller (a test, a later training job) keeps its grad mode
+        return _evaluate_job(ckpt, floor, max_drop, samples, batches, repeats)
+
+
+def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int, batches: int,
+                  repeats: int) -> tuple[dict, dict]:
     import contextlib
 
     import torch
@@ -123,7 +131,6 @@ def evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int,
     from rbert.inference.timing import time_in_turns, timing_inputs
     from rbert.models import BertForSequenceClassification, MultiExitBert, load_encoder
 
-    torch.set_grad_enabled(False)
     system, train_cfg, trained = load_task_system(str(ckpt))
     task, device, metric = system.task, torch.device("cpu"), system.task.monitor
     datamodule = build_datamodule(train_cfg, task, backbone=train_cfg.backbone)

@@ -21,6 +21,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_alone():
+    """A test (or the code it calls) that switches autograd off globally breaks tests run after
+    it, far from the cause; fail the culprit instead."""
+    import torch
+
+    yield
+    assert torch.is_grad_enabled(), "this test left autograd switched off (torch.set_grad_enabled(False))"
+
+
 @pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory) -> Path:
     """Tiny copies of all nine GLUE tasks in the canonical layout and formats."""
