@@ -283,12 +283,59 @@ def test_unreadable_files_are_refused(exported, tmp_path):
         OnnxEarlyExitModel.from_pretrained(edited)
 
 
-def test_deploy_imports_neither_lightning_nor_hydra():
-    code = ("import sys, rbert.deploy, rbert.deploy.server; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'pytorch_lightning', 'lightning', 'hydra', "
-            "'omegaconf'}); print(bad); sys.exit(1 if bad else 0)")
+def test_the_onnx_runtime_and_its_server_need_neither_torch_nor_transformers(exported):
+    """Load, answer at batch size 1 (the stored composed graph) and batched, build the app:
+    none of the training stack (nor ``onnx``, 2.4 s of imports) comes in."""
+    _, folder = exported
+    code = ("import sys\n"
+            "from rbert.deploy import OnnxEarlyExitModel\n"
+            "from rbert.deploy.server import create_app\n"
+            f"model = OnnxEarlyExitModel.from_pretrained({str(folder)!r})\n"
+            "assert model.fused is not None\n"
+            "print(model.predict(['a fine film'])[0]['label'], len(model.predict(['a', 'b c', 'd e f'])))\n"
+            "create_app(model)\n"
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'pytorch_lightning', "
+            "'lightning', 'hydra', 'omegaconf', 'onnx', 'datasets'})\n"
+            "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[1] == "3"
+
+
+def test_the_folder_holds_the_composed_graph_of_its_policy(exported, monkeypatch):
+    _, folder = exported
+    spec = read_spec(folder)
+    assert spec.onnx["fused"] == {"file": "onnx/fused.onnx", "policy": policy_to_dict(EntropyExit(0.3))}
+    assert (folder / "onnx" / "fused.onnx").is_file()
+
+    def no_composing(*args):
+        raise AssertionError("composed at load")
+
+    monkeypatch.setattr(OnnxEarlyExitModel, "_compose", staticmethod(no_composing))
+    assert OnnxEarlyExitModel.from_pretrained(folder).fused is not None  # read from the folder
+    with pytest.raises(AssertionError, match="composed at load"):  # another threshold: composed now
+        OnnxEarlyExitModel.from_pretrained(folder, policy=EntropyExit(0.31))
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "minilm"])
+def test_the_folder_tokenizer_gives_what_transformers_gives(tokenizer, tmp_path):
+    """``tokenizers`` alone on tokenizer.json: the ids, token types and masks of the fast
+    tokenizer training used, for texts, pairs, and texts over the length (longest first)."""
+    from transformers import AutoTokenizer
+
+    from rbert.deploy import FolderTokenizer
+
+    load_tokenizer(tokenizer).save_pretrained(tmp_path)
+    ours, theirs = FolderTokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    long = " ".join(["a rather long and winding sentence"] * 12)
+    singles = [("a fine film",), ("Ünïcode, punctuation... and  spaces!",), (long,), ("x",)]
+    pairs = [("a fine film", "a dull one"), (long, "short"), ("short", long), (long, long)]
+    for rows in (singles, pairs):
+        got = ours(rows, 24)
+        want = theirs(*zip(*rows), truncation=True, max_length=24, padding=True, return_tensors="np")
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} of {rows}")
+        assert ours.lengths(rows) == [len(x) for x in theirs(*zip(*rows), truncation=False)["input_ids"]]
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class DeploySpec:
     policy: dict                 # rbert.inference.policies.policy_to_dict
     objective: str = ""
     policy_choice: dict | None = None  # a budget's choice on the dev set, when there was one
-    onnx: dict = field(default_factory=dict)  # {"opset", "exporter", "segments": [Segment]}
+    onnx: dict = field(default_factory=dict)  # {"opset", "exporter", "segments": [Segment], "fused"?}
     format: int = FORMAT
 
     @property
@@ -151,6 +151,11 @@ def check_onnx(folder: Path, spec: DeploySpec) -> None:
     if [s["exit"] for s in segments] != spec.consulted_exits:
         raise FolderError(f"{where}.segments end at layers {[s['exit'] for s in segments]}, not at "
                           f"consulted_exits {spec.consulted_exits}")
+    fused = spec.onnx.get("fused")
+    if fused is not None:
+        if not isinstance(fused, dict) or set(fused) != {"file", "policy"} or not isinstance(fused["policy"], dict):
+            raise FolderError(f"{where}.fused = {fused!r}: expected {{file, policy}}")
+        inside(fused["file"], "fused.file")
 
 
 def write_folder(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

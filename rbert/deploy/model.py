@@ -22,6 +22,7 @@ import torch
 
 from rbert.deploy.folder import SECTION, DeploySpec, FolderError, read_spec, write_folder
 from rbert.deploy.predictor import Predictor, folder_policy
+from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.engine import EarlyExit
 from rbert.inference.policies import ExitPolicy
 from rbert.models.encoder import write_hf_folder
@@ -39,7 +40,7 @@ def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec
         if onnx:
             from rbert.deploy.onnx_export import export_onnx
 
-            spec.onnx = export_onnx(net, spec.consulted_exits, folder)
+            spec.onnx = export_onnx(net, spec.consulted_exits, folder, spec.policy)
         config = copy.deepcopy(net.bert.config)
         if not spec.regression:
             config.id2label = dict(enumerate(spec.labels))
@@ -97,11 +98,9 @@ class EarlyExitModel(Predictor):
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
                         device: str | torch.device = "cpu") -> EarlyExitModel:
         """Load an exported folder; ``policy`` replaces the exported one (e.g. ``NoExit()``: full depth)."""
-        from transformers import AutoTokenizer
-
         spec = read_spec(folder)
         net = load_net(folder, spec)
-        return cls(net, AutoTokenizer.from_pretrained(folder), spec, folder_policy(spec, policy, str(folder)), device)
+        return cls(net, FolderTokenizer.from_folder(folder), spec, folder_policy(spec, policy, str(folder)), device)
 
     def run(self, input_ids, attention_mask, token_type_ids=None):
         def tensor(a):

@@ -94,9 +94,18 @@ def export_full_depth(net: MultiExitBert, path: Path) -> None:
 
 
 @torch.no_grad()
-def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path) -> dict:
+def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path, policy: dict | None = None) -> dict:
     """Write ``onnx/exit_<layer>.onnx`` for each consulted exit into ``folder``; returns the
-    ``onnx`` section of the folder's config."""
+    ``onnx`` section of the folder's config.
+
+    With the exported ``policy`` (as config.json stores it) and a rule that compiles, also
+    ``onnx/fused.onnx``, the composed batch-size-1 graph of :mod:`rbert.deploy.onnx_fused`:
+    built here, the runtime needs no ``onnx`` package (2.4 s of imports) to start. It holds a
+    second copy of the weights.
+    """
+    from rbert.deploy.onnx_fused import compiles, fuse
+    from rbert.inference.policies import policy_from_dict
+
     net = net.eval()
     (folder / "onnx").mkdir(parents=True, exist_ok=True)
     segments, first = [], 1
@@ -105,4 +114,13 @@ def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path) -> dict:
         _export_segment(net, first, layer, folder / name)
         segments.append({"file": name, "first": first, "exit": layer})
         first = layer + 1
-    return {"opset": OPSET, "exporter": EXPORTER, "segments": segments}
+    section = {"opset": OPSET, "exporter": EXPORTER, "segments": segments}
+    rule = policy_from_dict(policy) if policy is not None else None
+    if rule is not None and compiles(rule) and len(consulted) > 1:
+        import onnx
+
+        num_labels = net.exits[0].classifier.out_features
+        graph = fuse([folder / s["file"] for s in segments], consulted, rule, num_labels)
+        onnx.save(graph, str(folder / "onnx" / "fused.onnx"))
+        section["fused"] = {"file": "onnx/fused.onnx", "policy": dict(policy)}
+    return section

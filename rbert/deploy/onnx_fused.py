@@ -10,8 +10,8 @@ and so on). One session call a sample, one thread pool awake for all of it.
 Only rules that need no state across samples compile: the built-in entropy, confidence,
 fixed and none policies (in float64, as in :mod:`rbert.inference.policies`). Anything else
 (patience, a subclass, a policy of the user's) runs segment by segment, where the policy
-object itself decides. The composed graph is built in memory when the runtime loads; nothing
-new is exported.
+object itself decides. ``mode=export`` writes the composed graph of the exported policy
+(``onnx/fused.onnx``); the runtime composes another policy's in memory when it loads.
 """
 
 from __future__ import annotations

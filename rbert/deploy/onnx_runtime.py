@@ -6,13 +6,14 @@ tokens); after each it applies the *same policy objects* as the PyTorch engine
 the padding no remaining row needs, and runs the next graph on the rest. At batch size 1,
 when the policy's rule compiles to ONNX operators (entropy, confidence, fixed, none), the
 same graphs run instead as one composed graph with the rule inside
-(:mod:`rbert.deploy.onnx_fused`): one session call a sample instead of one an exit.
+(:mod:`rbert.deploy.onnx_fused`): one session call a sample instead of one an exit. The
+folder holds that graph for the exported policy; another policy's is composed when the
+runtime loads (with the ``onnx`` package, where it is installed).
 
 The graphs run in onnxruntime (the CPU provider by default; any provider by option). The
-policies are written in torch: at batch size 1 they decide on Python floats
-(``decide_one``), batched on ``torch.from_numpy`` views of the logits (no copy). So the
-runtime needs the torch package for a few small tensor operations per exit, never for a
-layer.
+policies decide on Python floats at batch size 1 (``decide_one``) and on the graphs' NumPy
+logits batched, and the tokenizer is the folder's ``tokenizer.json`` in ``tokenizers``
+(:mod:`rbert.deploy.tokenizer`): this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rbert.deploy.folder import DeploySpec, FolderError, read_spec
-from rbert.deploy.onnx_fused import compiles, fuse
 from rbert.deploy.predictor import Predictor, folder_policy
-from rbert.inference.engine import take_rows
-from rbert.inference.policies import ExitPolicy
+from rbert.deploy.tokenizer import FolderTokenizer
+from rbert.inference.policies import POLICIES, ExitPolicy, policy_to_dict, take_rows
 
 
 class OnnxEarlyExitModel(Predictor):
@@ -85,24 +84,42 @@ class OnnxEarlyExitModel(Predictor):
                 raise FolderError(f"{folder / s.file}: answers {width} logits; config.json has "
                                   f"{spec.num_labels} labels")
         self.fused = None  # the composed graph for batch size 1, where the policy compiles
-        if fused and compiles(policy) and len(self.segments) > 1:
-            files = [folder / s.file for s in spec.segments]
-            try:
-                graph = fuse(files, [s.exit for s in spec.segments], policy, spec.num_labels)
-            except ValueError as err:  # the graphs still run one by one
-                warnings.warn(f"{folder}: batch size 1 runs segment by segment: {err}", stacklevel=2)
+        if fused and len(self.segments) > 1:
+            stored = onnx.get("fused")
+            if stored and type(policy) is POLICIES.get(policy.name) and policy_to_dict(policy) == stored["policy"]:
+                self.fused = session(stored["file"])  # the exported policy: composed at export
             else:
-                self.fused = session(spec.segments[0].file, graph.SerializeToString())
+                graph = self._compose(folder, spec, policy)
+                self.fused = graph and session(spec.segments[0].file, graph)
+
+    @staticmethod
+    def _compose(folder: Path, spec: DeploySpec, policy: ExitPolicy) -> bytes | None:
+        """The composed graph for a policy other than the exported one, built now (needs the
+        ``onnx`` package); None where the policy does not compile or ``onnx`` is missing."""
+        try:
+            from rbert.deploy.onnx_fused import compiles, fuse
+        except ImportError:
+            if policy.name in ("entropy", "confidence", "fixed"):
+                warnings.warn(f"{folder}: batch size 1 runs segment by segment: composing one graph for "
+                              f"{policy.describe()} needs the onnx package", stacklevel=3)
+            return None
+        if not compiles(policy):
+            return None
+        try:
+            graph = fuse([folder / s.file for s in spec.segments], [s.exit for s in spec.segments], policy,
+                         spec.num_labels)
+        except ValueError as err:  # the graphs still run one by one
+            warnings.warn(f"{folder}: batch size 1 runs segment by segment: {err}", stacklevel=3)
+            return None
+        return graph.SerializeToString()
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
                         providers: Sequence[str] = ("CPUExecutionProvider",),
                         threads: int | None = None, session_config: dict[str, str] | None = None,
                         fused: bool = True) -> OnnxEarlyExitModel:
-        from transformers import AutoTokenizer
-
         spec = read_spec(folder)
-        return cls(folder, spec, AutoTokenizer.from_pretrained(folder), folder_policy(spec, policy, str(folder)),
+        return cls(folder, spec, FolderTokenizer.from_folder(folder), folder_policy(spec, policy, str(folder)),
                    providers, threads, session_config, fused)
 
     def run(self, input_ids, attention_mask, token_type_ids=None):
@@ -131,7 +148,7 @@ class OnnxEarlyExitModel(Predictor):
 
     def _batch(self, feeds: dict[str, np.ndarray], mask: np.ndarray):
         batch = mask.shape[0]
-        state = self.policy.start(batch, torch.device("cpu"))
+        state = self.policy.start(batch)
         rows = np.arange(batch)
         out = exit_layer = None
         for layer, session in self.segments:
@@ -143,15 +160,14 @@ class OnnxEarlyExitModel(Predictor):
             if layer == self.last:
                 out[rows], exit_layer[rows] = logits, layer
                 break
-            leave_t, state = self.policy.decide(torch.from_numpy(logits), layer, state)
-            leave = leave_t.numpy()
+            leave, state = self.policy.decide(logits, layer, state)
             if not leave.any():
                 continue
             out[rows[leave]], exit_layer[rows[leave]] = logits[leave], layer
             if leave.all():
                 break
             keep = ~leave
-            state = take_rows(state, torch.from_numpy(keep))
+            state = take_rows(state, keep)
             rows, mask = rows[keep], mask[keep]
             length = int(mask.sum(axis=1).max())  # padding is on the right: cut what no row needs
             feeds["hidden"] = np.ascontiguousarray(hidden[keep, :length])

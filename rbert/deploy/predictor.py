@@ -10,12 +10,12 @@ runtimes (:class:`~rbert.deploy.model.EarlyExitModel` in PyTorch,
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from rbert.deploy.folder import DeploySpec, FolderError
+from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.policies import ExitPolicy, NoExit, policy_from_dict
 
 Text = str | Sequence[str]  # one text, or a pair for two-text tasks (MRPC, STS-B, MNLI, ...)
@@ -38,7 +38,7 @@ class Predictor:
     """Base class of the deployed runtimes: tokenising, batching and answers."""
 
     spec: DeploySpec
-    tokenizer: object
+    tokenizer: FolderTokenizer
     policy: ExitPolicy
 
     @property
@@ -58,26 +58,14 @@ class Predictor:
             rows.append(row)
         return rows
 
-    def tokenize(self, rows: list[tuple[str, ...]], **kwargs) -> dict:
-        """The tokenizer's output for ``rows``, one call at a time: a fast tokenizer sets its
-        truncation and padding on each call, so two threads at once (the server's event loop
-        checking lengths while its worker encodes a batch) corrupt each other's settings or
-        fail with "Already borrowed"."""
-        lock = self.__dict__.setdefault("_tokenizer_lock", threading.Lock())
-        with lock:
-            return self.tokenizer(*zip(*rows), **kwargs)
-
     def lengths(self, texts: Sequence[Text]) -> list[int]:
         """Each text's length in tokens, untruncated (special tokens included)."""
-        return [len(x) for x in self.tokenize(self.rows(texts), truncation=False)["input_ids"]]
+        return self.tokenizer.lengths(self.rows(texts))
 
     def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
-        """int64 arrays ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
-        tokenizer makes them), truncated at ``max_length``, padded on the right."""
-        enc = self.tokenize(self.rows(texts), truncation=True, max_length=self.spec.max_length, padding=True,
-                            padding_side="right", return_tensors="np")  # the runtimes cut padding on the right
-        return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in enc.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids")}
+        """int64 arrays ``input_ids``, ``token_type_ids``, ``attention_mask``, truncated at
+        ``max_length``, padded on the right (the runtimes cut padding on the right)."""
+        return self.tokenizer(self.rows(texts), self.spec.max_length)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             token_type_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 
+import numpy as np
 import torch
 
-from rbert.inference.policies import ExitPolicy
+from rbert.inference.policies import ExitPolicy, take_rows
 from rbert.models.classifier import pool
 from rbert.models.multi_exit import MultiExitBert, exit_head
 
@@ -29,12 +30,9 @@ class ExitResult:
     exit_layer: torch.Tensor  # (batch,): layer number (1-based) each sample left at
 
 
-def take_rows(state, keep: torch.Tensor):
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(take_rows(s, keep) for s in state)
-    return state[keep]
+def decide(policy: ExitPolicy, logits: torch.Tensor, layer: int, state) -> tuple[np.ndarray, object]:
+    """The policy's NumPy rule on a tensor of exit logits (a view on CPU)."""
+    return policy.decide(logits.detach().float().cpu().numpy(), layer, state)
 
 
 def unpadded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,7 +108,7 @@ class EarlyExit:
 
     def _batch(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> ExitResult:
         batch, device = hidden.shape[0], hidden.device
-        bias, state = self.bert.attention_bias(mask), self.policy.start(batch, device)
+        bias, state = self.bert.attention_bias(mask), self.policy.start(batch)
         # Where the running samples sit in the batch, and the answers of those that left: made
         # only once some sample leaves before the others.
         rows = logits_out = exit_layer = None
@@ -119,7 +117,7 @@ class EarlyExit:
             if n not in self.heads:
                 continue
             logits = self.logits(n, hidden, mask)
-            leave, state = self.policy.decide(logits, n, state) if n < self.last else (None, state)
+            leave, state = decide(self.policy, logits, n, state) if n < self.last else (None, state)
             if leave is None or leave.all():  # every running sample leaves here
                 if rows is None:
                     return ExitResult(logits, torch.full((batch,), n, dtype=torch.long, device=device))
@@ -131,10 +129,11 @@ class EarlyExit:
                 rows = torch.arange(batch, device=device)
                 logits_out = logits.new_empty(batch, logits.shape[-1])
                 exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
+            state, leave = take_rows(state, ~leave), torch.from_numpy(leave).to(device)
             gone = rows[leave]
             logits_out[gone], exit_layer[gone] = logits[leave], n
             keep = ~leave
-            hidden, rows, state = hidden[keep], rows[keep], take_rows(state, keep)
+            hidden, rows = hidden[keep], rows[keep]
             if mask is not None:
                 mask = mask[keep]
                 if self.trim_padding:
@@ -156,12 +155,13 @@ def simulate(policy: ExitPolicy, exit_logits: list[torch.Tensor], exit_layers: l
     """What :func:`early_exit` answers, from every exit's logits of a full forward pass."""
     batch = exit_logits[0].shape[0]
     device = exit_logits[0].device
-    state = policy.start(batch, device)
+    state = policy.start(batch)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.empty_like(exit_logits[-1])
     exit_layer = torch.zeros(batch, dtype=torch.long, device=device)
     for logits, layer in zip(exit_logits, exit_layers):
-        leave, state = policy.decide(logits, layer, state)
+        leave, state = decide(policy, logits, layer, state)
+        leave = torch.from_numpy(leave).to(device)
         if layer == exit_layers[-1]:
             leave = torch.ones_like(leave)
         new = leave & ~done

@@ -7,8 +7,15 @@ A policy is a small object with two methods for a batch:
   layer number) for the samples still running and says, per sample, whether to leave here.
 
 The engine calls ``decide`` once per exit, in layer order, and takes ``state[keep]``
-itself when samples leave, so a state is a tensor (or tuple of tensors) indexed by sample.
-The last exit always answers whatever the policy says. Policies know nothing of models.
+itself when samples leave (:func:`take_rows`), so a state is an array (or tuple of arrays)
+indexed by sample. The last exit always answers whatever the policy says. Policies know
+nothing of models.
+
+The batched rules are NumPy, on float32 or float64 logits: the ONNX runtime runs them as they
+are (so serving needs neither torch nor transformers), and the PyTorch engine hands them its
+exit logits as a NumPy array (a view on CPU; on a GPU a copy of a few floats a sample, where
+the engine had to wait for the answer to drop rows anyway). One rule, one source, whichever
+runtime asks.
 
 And two for one sample, ``start_one()`` and ``decide_one(logits, layer, state)`` with the
 logits as a list of Python floats. At batch size 1 on a CPU, the half-dozen tensor
@@ -23,15 +30,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from rbert.errors import ConfigError
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Prediction entropy in nats, computed stably from log-softmax (float64)."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return -torch.linalg.vecdot(logp.exp(), logp)  # one kernel for sum(p * log p)
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of each row, in float64, shifted by the row's maximum for stability."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Prediction entropy in nats of each row (float64)."""
+    logp = log_softmax(logits)
+    return -(np.exp(logp) * logp).sum(axis=-1)
+
+
+def take_rows(state, keep: np.ndarray):
+    """A policy's state for the samples still running (``keep``: a boolean mask)."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(take_rows(s, keep) for s in state)
+    return state[keep]
 
 
 def entropy_one(logits: list[float]) -> float:
@@ -55,19 +78,20 @@ class ExitPolicy:
     regression_ok = True
     sweep: Sequence[float] | None = None
 
-    def start(self, batch_size: int, device: torch.device):
+    def start(self, batch_size: int):
         return None
 
-    def decide(self, logits: torch.Tensor, layer: int, state):
+    def decide(self, logits: np.ndarray, layer: int, state) -> tuple[np.ndarray, object]:
+        """(bool array (batch,): leave here, the new state) from this exit's (batch, labels) logits."""
         raise NotImplementedError
 
     def start_one(self):
-        return self.start(1, torch.device("cpu"))
+        return self.start(1)
 
     def decide_one(self, logits: list[float], layer: int, state):
         """One sample's decision from its logits as floats. This fallback runs ``decide`` on
         a batch of one; the built-in policies compute the same rule in plain Python."""
-        leave, state = self.decide(torch.tensor([logits]), layer, state)
+        leave, state = self.decide(np.array([logits]), layer, state)
         return bool(leave[0]), state
 
     def with_threshold(self, value: float) -> ExitPolicy:
@@ -93,7 +117,7 @@ class NoExit(ExitPolicy):
     needs_exits = False
 
     def decide(self, logits, layer, state):
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
+        return np.zeros(logits.shape[0], dtype=bool), state
 
     def decide_one(self, logits, layer, state):
         return False, state
@@ -111,7 +135,7 @@ class FixedExit(ExitPolicy):
         self.sweep = sweep
 
     def decide(self, logits, layer, state):
-        return torch.full((logits.shape[0],), layer >= self.layer, dtype=torch.bool, device=logits.device), state
+        return np.full(logits.shape[0], layer >= self.layer, dtype=bool), state
 
     def decide_one(self, logits, layer, state):
         return layer >= self.layer, state
@@ -178,7 +202,7 @@ class ConfidenceExit(ExitPolicy):
         self.sweep = sweep
 
     def decide(self, logits, layer, state):
-        return torch.softmax(logits.double(), dim=-1).amax(dim=-1) >= self.threshold, state
+        return np.exp(log_softmax(logits).max(axis=-1)) >= self.threshold, state
 
     def decide_one(self, logits, layer, state):
         if len(logits) == 2:  # the top probability is the sigmoid of the margin
@@ -208,20 +232,19 @@ class PatienceExit(ExitPolicy):
         self.tolerance = float(tolerance)
         self.sweep = sweep
 
-    def start(self, batch_size, device):
+    def start(self, batch_size):
         # (previous prediction, how many exits in a row agreed with it); NaN: no exit seen yet
-        return (torch.full((batch_size,), float("nan"), dtype=torch.float64, device=device),
-                torch.zeros(batch_size, dtype=torch.long, device=device))
+        return np.full(batch_size, np.nan), np.zeros(batch_size, dtype=np.int64)
 
     def decide(self, logits, layer, state):
         previous, count = state
         if logits.shape[-1] == 1:
-            prediction = logits.squeeze(-1).double()
-            same = (prediction - previous).abs() < self.tolerance
+            prediction = logits[:, 0].astype(np.float64)
+            same = np.abs(prediction - previous) < self.tolerance
         else:
-            prediction = logits.argmax(dim=-1).double()
+            prediction = logits.argmax(axis=-1).astype(np.float64)  # the first of ties, as decide_one
             same = prediction == previous
-        count = torch.where(same, count + 1, torch.zeros_like(count))
+        count = np.where(same, count + 1, 0)
         return count >= self.patience, (prediction, count)
 
     def start_one(self):
