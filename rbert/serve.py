@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> None:
     try:
         model = load(s.folder, s.runtime, policy_override(cfg), threads=s.threads)
         limits = Limits(max_texts=s.max_texts, max_request_bytes=s.max_request_bytes, max_batch=s.max_batch,
-                        max_wait_ms=s.max_wait_ms, max_queue=s.max_queue)
+                        max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, truncate=s.truncate)
     except (FolderError, ValueError) as err:
         raise ConfigError(f"serve.folder: {err}" if isinstance(err, FolderError) else f"serve: {err}") from err
     print(f"serving {s.folder} ({model.policy.describe()}, {s.runtime}) on http://{s.host}:{s.port}")

@@ -218,6 +218,21 @@ def test_export_is_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no half-written folder, no temporary one
 
 
+def test_the_folder_gets_the_users_umask(exported, tmp_path):
+    """Not the 0700 / 0600 of temporary files: a server running as another user reads it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        folder = write_folder(tmp_path / "m", lambda f: ((f / "sub").mkdir(), (f / "sub" / "w").write_text("x")))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+    finally:
+        os.umask(old)
+    assert modes == {"m": 0o755, "sub": 0o755, "w": 0o644}
+    _, exported_folder = exported
+    assert all(p.stat().st_mode & 0o044 for p in exported_folder.rglob("*"))  # config.json, safetensors too
+
+
 def corrupt(folder, tmp_path, edit):
     """A copy of an exported folder with config.json's rbert section edited."""
     import shutil

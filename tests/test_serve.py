@@ -116,6 +116,53 @@ def test_bad_requests_get_a_clear_4xx(client, body, status, message):
     assert client.get("/health").status_code == 200  # still up
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("get", "/nope", 404), ("get", "/predict", 405),
+                                                     ("delete", "/health", 405)])
+def test_every_error_has_the_same_shape(client, method, path, status):
+    r = getattr(client, method)(path)
+    assert r.status_code == status and set(r.json()) == {"error"} and path in r.json()["error"], r.text
+
+
+def test_ready_and_metrics(client):
+    assert client.get("/ready").json() == {"ready": True}
+    client.post("/predict", json={"texts": ["a fine film", "dull", "ok"]})
+    client.post("/predict", json={"texts": []})
+    client.get("/nope")
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    lines = r.text.splitlines()
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    assert value('rbert_requests_total{path="/predict",status="200"}') >= 1
+    assert value('rbert_requests_total{path="/predict",status="422"}') >= 1
+    assert value('rbert_requests_total{path="other",status="404"}') >= 1  # unknown paths: one label value
+    assert value("rbert_request_seconds_count") >= 2
+    assert value("rbert_batch_texts_sum") >= 3
+    assert value('rbert_exit_layer_bucket{le="+Inf"}') >= 3  # one observation per answered text
+
+
+def test_ready_is_503_before_the_worker_runs(exported_run):
+    folder, _ = exported_run
+    app = create_app(OnnxEarlyExitModel.from_pretrained(folder))
+    with TestClient(app) as c:  # the lifespan started the worker
+        app.state.batcher.worker.cancel()
+        time.sleep(0.1)
+        r = c.get("/ready")
+    assert r.status_code == 503 and r.json() == {"ready": False}
+
+
+def test_truncate_answers_what_the_default_refuses(exported_run):
+    folder, _ = exported_run
+    long = {"texts": ["word " * 200]}
+    with TestClient(create_app(OnnxEarlyExitModel.from_pretrained(folder), Limits(truncate=True))) as c:
+        r = c.post("/predict", json=long)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    with TestClient(create_app(OnnxEarlyExitModel.from_pretrained(folder))) as c:
+        assert c.post("/predict", json=long).status_code == 422
+
+
 def test_an_integer_too_long_for_python_is_malformed_json(exported_run):
     folder, _ = exported_run
     with TestClient(create_app(OnnxEarlyExitModel.from_pretrained(folder))) as c:
@@ -281,6 +328,44 @@ def test_serve_mode_runs_uvicorn_with_a_policy_override(exported_run, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sigterm_answers_the_requests_in_flight_and_exits_0(exported_run):
+    """The batcher holds each request for 1.5 s; SIGTERM arrives meanwhile: every request
+    already sent is answered, then the process ends with status 0."""
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx2
+
+    folder, _ = exported_run
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "rbert.deploy.server", str(folder), "--port", str(port),
+                               "--max-wait-ms", "1500"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert httpx2.get(f"http://127.0.0.1:{port}/ready", timeout=2).json() == {"ready": True}
+                break
+            except httpx2.TransportError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()
+                time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            sent = [pool.submit(httpx2.post, f"http://127.0.0.1:{port}/predict", json={"texts": [f"film {i}"]},
+                                timeout=30) for i in range(4)]
+            time.sleep(0.5)  # the requests are in the batcher's queue
+            server.send_signal(signal.SIGTERM)
+            statuses = [f.result().status_code for f in sent]
+        assert statuses == [200] * 4
+        assert server.wait(timeout=30) == 0
+        log = server.stdout.read()
+        assert "stopped by SIGTERM" in log and log.count('"POST /predict" 200') == 4, log
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

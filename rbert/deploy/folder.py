@@ -169,6 +169,7 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         fill(tmp)
+        with_umask(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -176,3 +177,14 @@ def write_folder(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def with_umask(folder: Path) -> None:
+    """Permissions as any saved model gets them (0755 / 0644 under the usual umask): the
+    temporary folder is created 0700, and files written through a temporary file 0600,
+    which a server running as another user could not read."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; put it back at once
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

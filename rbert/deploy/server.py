@@ -1,6 +1,6 @@
 """An HTTP endpoint for an exported early-exit model (FastAPI + uvicorn).
 
-    python -m rbert.deploy.server exported/ --port 8000        # or: python run.py mode=serve serve.folder=exported/
+    rbert-serve exported/ --port 8000   # or: python -m rbert.deploy.server; rbert mode=serve serve.folder=...
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"texts": ["a fine film"]}'
 
 * ``POST /predict`` ``{"texts": [text, ...]}`` (a text is a string, or a list of two for
@@ -12,9 +12,14 @@
   accepting requests meanwhile.
 * **Every request is validated and bounded**: the body's size (413), JSON (400), the field
   and its types, empty or whitespace texts, text that is not valid Unicode, too many texts
-  and texts over the model's length (422), a full queue (503), each answered with a
-  one-line ``{"error": ...}``. A failure inside the model answers 500 for the request that
-  caused it only (a failing batch is retried request by request); the server goes on.
+  and texts over the model's length (422; ``--truncate``: cut to the length instead), a full
+  queue (503), each answered with a one-line ``{"error": ...}``, as are unknown paths (404)
+  and methods (405). A failure inside the model answers 500 for the request that caused it
+  only (a failing batch is retried request by request); the server goes on.
+* **Operations**: ``GET /ready`` (200 once the model's worker runs, else 503, for a load
+  balancer), ``GET /metrics`` for Prometheus (requests by status, latency, texts per model
+  call, exit layers), one access-log line per request; on SIGTERM uvicorn stops accepting,
+  answers the requests in flight, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbert.deploy.predictor import Predictor
 
 log = logging.getLogger("rbert.serve")
+KNOWN_PATHS = ("/predict", "/health", "/ready", "/metrics")
 
 
 @dataclass
@@ -43,10 +50,11 @@ class Limits:
     max_batch: int = 32             # requests are grouped up to this many texts (a larger one runs alone)
     max_wait_ms: float = 5.0        # how long the first queued request waits for company
     max_queue: int = 1024           # requests waiting; more are answered 503
+    truncate: bool = False          # a text over the model's length: False refuses it (422), True cuts it
 
     def __post_init__(self):
         for name, value in vars(self).items():
-            if not value > 0 and not (name == "max_wait_ms" and value == 0):
+            if name != "truncate" and not value > 0 and not (name == "max_wait_ms" and value == 0):
                 raise ValueError(f"{name} must be > 0, got {value}")
 
 
@@ -72,6 +80,7 @@ class MicroBatcher:
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.stats = {"batches": 0, "texts": 0, "largest": 0}  # model calls and their sizes (/health)
+        self.on_batch: Callable[[int], None] = lambda size: None  # /metrics' batch-size histogram
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.max_queue)
@@ -126,6 +135,7 @@ class MicroBatcher:
             texts = [t for item, _ in group for t in item]
             self.stats.update(batches=self.stats["batches"] + 1, texts=self.stats["texts"] + len(texts),
                               largest=max(self.stats["largest"], len(texts)))
+            self.on_batch(len(texts))
             try:
                 answers = await loop.run_in_executor(None, self.predict, texts)
             except Exception as err:  # retry one request at a time: only the culprit fails
@@ -179,10 +189,34 @@ def validate(body: object, model: Predictor, limits: Limits) -> list:
             [t.encode("utf-8") for t in row]
         except UnicodeEncodeError as err:  # JSON's "\ud800": a lone surrogate no tokenizer takes
             raise BadRequest(422, f"texts[{i}]: not valid Unicode ({err.reason})") from None
-    for i, length in enumerate(model.lengths(texts)):
-        if length > model.spec.max_length:
-            raise BadRequest(422, f"texts[{i}]: {length} tokens; the model reads at most {model.spec.max_length}")
+    if not limits.truncate:
+        for i, length in enumerate(model.lengths(texts)):
+            if length > model.spec.max_length:
+                raise BadRequest(422, f"texts[{i}]: {length} tokens; the model reads at most "
+                                      f"{model.spec.max_length} (the server's --truncate cuts instead)")
     return texts
+
+
+class Metrics:
+    """The endpoint's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, layers: int):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("rbert_requests", "HTTP requests answered, by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("rbert_request_seconds", "Time to answer a /predict request", registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch = Histogram("rbert_batch_texts", "Texts per model call (micro-batching)", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.exits = Histogram("rbert_exit_layer", "Layer each answered text left at", registry=self.registry,
+                               buckets=tuple(range(1, layers + 1)))
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
@@ -198,15 +232,45 @@ def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
 
     app = FastAPI(title="rbert early exit", lifespan=lifespan)
     app.state.batcher = batcher
+    metrics = Metrics(model.spec.exit_layers[-1])
+    batcher.on_batch = metrics.batch.observe
     started = time.time()
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):  # 404, 405: the same shape as ours
+        return error(err.status_code, f"{request.method} {request.url.path}: {err.detail}")
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        seconds = time.perf_counter() - start
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        if path == "/predict":
+            metrics.latency.observe(seconds)
+        client = request.client.host if request.client else "-"
+        log.info('%s "%s %s" %d %.1f ms', client, request.method, request.url.path, response.status_code,
+                 seconds * 1000)
+        return response
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "uptime_s": round(time.time() - started, 1), **model.describe(),
                 "limits": vars(limits), "batching": batcher.stats}
+
+    @app.get("/ready")
+    async def ready():
+        running = batcher.worker is not None and not batcher.worker.done()
+        return JSONResponse({"ready": running}, status_code=200 if running else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -229,6 +293,8 @@ def create_app(model: Predictor, limits: Limits | None = None) -> FastAPI:
             return error(err.status, str(err))
         except Exception as err:
             return error(500, f"prediction failed: {type(err).__name__}: {err}")
+        for answer in answers:
+            metrics.exits.observe(answer["exit_layer"])
         return {"predictions": answers}
 
     return app
@@ -253,8 +319,18 @@ def load(folder: str, runtime: str = "onnx", policy: dict | None = None, provide
 
 
 def serve(model: Predictor, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C: uvicorn then stops accepting, answers the requests in
+    flight and returns. It re-raises the signal after that, for the handler that was there
+    before; ours only logs, so a stop an orchestrator asked for ends with exit status 0."""
+    import signal
+
     import uvicorn
 
+    def stopped(signum, frame):
+        log.info("stopped by %s after answering the requests in flight", signal.Signals(signum).name)
+
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, stopped)
     log.info("serving %s on http://%s:%d", model.describe(), host, port)
     uvicorn.run(create_app(model, limits), host=host, port=port, log_level="warning")
 
@@ -272,8 +348,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     defaults = Limits()
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true")
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         limits = Limits(**{name: getattr(args, name) for name in vars(defaults)})
         policy = json.loads(args.policy) if args.policy else None
@@ -284,5 +364,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     main()
