@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -56,19 +57,28 @@ def run(cfg: DictConfig) -> dict:
 
 
 def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig, ckpt: dict) -> dict:
+    from rbert.build import build_datamodule
     from rbert.deploy import DeploySpec, FolderError, save
-    from rbert.inference.policies import NoExit, policy_to_dict
+    from rbert.inference.policies import BudgetExit, NoExit, policy_from_dict, policy_to_dict
     from rbert.inference.prepare import prepare, resolve_budget
     from rbert.models.classifier import BertForSequenceClassification
     from rbert.models.multi_exit import MultiExitBert
 
+    quantize = cfg.get("export_quantize")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"export_quantize: {quantize!r} is not one of null, int8")
+    if quantize and not cfg.get("export_onnx", True):
+        raise ConfigError("export_quantize=int8 quantises the ONNX graphs: it needs export_onnx=true")
     trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
+    budget = None
     if isinstance(system.net, BertForSequenceClassification):  # one exit: nothing to choose
         net, layers, policy, choice = MultiExitBert.from_classifier(system.net), trained[-1:], NoExit(), None
+        datamodule = None
     else:
         setup = prepare(cfg, loaded=(system, train_cfg, trained))
-        net, layers = setup.net, setup.layers
+        net, layers, datamodule = setup.net, setup.layers, setup.datamodule
         policy, choice = resolve_budget(setup)
+        budget = setup.policy if isinstance(setup.policy, BudgetExit) else None
     task = system.task
     labels = [] if task.is_regression else [str(label) for label in (task.labels or range(task.num_labels))]
     spec = DeploySpec(task=task.name, text_fields=list(task.text_fields), labels=labels,
@@ -76,13 +86,58 @@ def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig
                       trained_exits=trained, consulted_exits=layers, style=net.style, pooling=net.pooling,
                       policy=policy_to_dict(policy), policy_choice=choice,
                       objective=str(train_cfg.model._target_).rsplit(".", 1)[-1])
+    after_onnx = None
+    if quantize:
+        if datamodule is None:
+            select = cfg.data.get("select_rows") or train_cfg.get("data", {}).get("select_rows")
+            datamodule = build_datamodule(cfg, task, backbone=train_cfg.backbone, select_rows=select)
+        after_onnx = partial(to_int8, loader=datamodule.selection_loader(), task=task, budget=budget)
     try:
         out = save(cfg.export_dir, net.cpu(), load_tokenizer(train_cfg.backbone), spec,
-                   onnx=bool(cfg.get("export_onnx", True)))
+                   onnx=bool(cfg.get("export_onnx", True)), after_onnx=after_onnx)
     except FolderError as err:
         raise ConfigError(f"export_dir: {err}") from err
     graphs = len(spec.onnx.get("segments", []))
+    choice = spec.policy_choice
     print(f"early-exit model written to {out}: {task.name}, exits {layers} of {net.exit_layers}, "
-          f"policy {policy.describe()}" + (f" (chosen on the dev set: {choice})" if choice else "")
-          + (f", {graphs} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs"))
-    return {"export_dir": str(out), "policy": policy.describe(), "consulted_exits": layers}
+          f"policy {policy_from_dict(spec.policy).describe()}" + (f" (chosen: {choice})" if choice else "")
+          + (f", {graphs} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs")
+          + (f", int8: {spec.onnx['quantization']['per_exit']}" if quantize else ""))
+    return {"export_dir": str(out), "policy": policy_from_dict(spec.policy).describe(), "consulted_exits": layers}
+
+
+def to_int8(folder: Path, spec, loader, task, budget) -> None:
+    """``export_quantize=int8``: quantise the folder's graphs, measure every exit before and
+    after on the selection split (else dev), choose a budget's threshold again on the int8
+    exits, and compose the batch-size-1 graph from the int8 graphs."""
+    import numpy as np
+    import torch
+
+    from rbert.deploy.onnx_export import write_fused
+    from rbert.deploy.quantize import graph_exit_logits, quantize_graphs
+    from rbert.inference.policies import policy_to_dict
+    from rbert.inference.sweep import sweep, task_metric
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    batches, labels = [], []
+    for batch in loader:
+        ids = batch["input_ids"].numpy()
+        batches.append({k: batch[k].numpy().astype(np.int64) if k in batch else np.zeros_like(ids) for k in names})
+        labels.append(batch["labels"])
+    labels = torch.cat(labels)
+
+    def per_exit(logits: list[np.ndarray]) -> list[float]:
+        return [round(task_metric(task, torch.from_numpy(z), labels)[task.monitor], 5) for z in logits]
+
+    fp32 = per_exit(graph_exit_logits(folder, spec.onnx, batches))
+    record = quantize_graphs(folder, spec.onnx)
+    int8_logits = graph_exit_logits(folder, spec.onnx, batches)
+    record["per_exit"] = {"exits": spec.consulted_exits, "metric": task.monitor, "rows": len(labels),
+                          "fp32": fp32, "int8": per_exit(int8_logits)}
+    if budget is not None:  # the threshold the fp32 exits earned may not hold on int8 ones
+        rows = sweep(budget.base, [torch.from_numpy(z) for z in int8_logits], labels, spec.consulted_exits, task)
+        record["fp32_policy"], record["fp32_policy_choice"] = spec.policy, spec.policy_choice
+        spec.policy = policy_to_dict(budget.choose(rows, as_policy=True))
+        spec.policy_choice = {**budget.choose(rows), "on": "int8 graphs"}
+    spec.onnx["quantization"] = record
+    write_fused(folder, spec.onnx, spec.policy, spec.num_labels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,9 +32,12 @@ from rbert.models.multi_exit import MultiExitBert
 ARCHITECTURE = "RbertEarlyExitModel"
 
 
-def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec, onnx: bool = True) -> Path:
+def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec, onnx: bool = True,
+         after_onnx: Callable[[Path, DeploySpec], None] | None = None) -> Path:
     """Write ``net`` (in eval mode), its tokenizer and ``spec`` as an exported folder, with the
-    ONNX graphs of :mod:`rbert.deploy.onnx_export` unless ``onnx=False``; all or nothing."""
+    ONNX graphs of :mod:`rbert.deploy.onnx_export` unless ``onnx=False``; all or nothing.
+    ``after_onnx(folder, spec)`` may rework the graphs and the spec before config.json is
+    written (``export_quantize``)."""
     net = net.eval()
 
     def fill(folder: Path) -> None:
@@ -41,6 +45,8 @@ def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec
             from rbert.deploy.onnx_export import export_onnx
 
             spec.onnx = export_onnx(net, spec.consulted_exits, folder, spec.policy)
+            if after_onnx is not None:
+                after_onnx(folder, spec)
         config = copy.deepcopy(net.bert.config)
         if not spec.regression:
             config.id2label = dict(enumerate(spec.labels))

@@ -103,9 +103,6 @@ def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path, policy: 
     built here, the runtime needs no ``onnx`` package (2.4 s of imports) to start. It holds a
     second copy of the weights.
     """
-    from rbert.deploy.onnx_fused import compiles, fuse
-    from rbert.inference.policies import policy_from_dict
-
     net = net.eval()
     (folder / "onnx").mkdir(parents=True, exist_ok=True)
     segments, first = [], 1
@@ -115,12 +112,23 @@ def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path, policy: 
         segments.append({"file": name, "first": first, "exit": layer})
         first = layer + 1
     section = {"opset": OPSET, "exporter": EXPORTER, "segments": segments}
-    rule = policy_from_dict(policy) if policy is not None else None
-    if rule is not None and compiles(rule) and len(consulted) > 1:
-        import onnx
+    if policy is not None:
+        write_fused(folder, section, policy, net.exits[0].classifier.out_features)
+    return section
 
-        num_labels = net.exits[0].classifier.out_features
-        graph = fuse([folder / s["file"] for s in segments], consulted, rule, num_labels)
+
+def write_fused(folder: Path, section: dict, policy: dict, num_labels: int) -> None:
+    """``onnx/fused.onnx`` from the section's segment graphs for ``policy`` (as config.json
+    stores it), recorded in ``section``; nothing where the rule does not compile or there is
+    one graph only."""
+    import onnx
+
+    from rbert.deploy.onnx_fused import compiles, fuse
+    from rbert.inference.policies import policy_from_dict
+
+    section.pop("fused", None)
+    rule, segments = policy_from_dict(policy), section["segments"]
+    if compiles(rule) and len(segments) > 1:
+        graph = fuse([folder / s["file"] for s in segments], [s["exit"] for s in segments], rule, num_labels)
         onnx.save(graph, str(folder / "onnx" / "fused.onnx"))
         section["fused"] = {"file": "onnx/fused.onnx", "policy": dict(policy)}
-    return section
