@@ -81,6 +81,9 @@ PLANS = {
     "sst2": Plan(SST2, {
         "plain": PLAIN, **STATIC, **MULTI_EXIT,
         # Every exit distils from the plain model of the same seed; the static models get the same offer.
+        # The plain model as Hugging Face's BertForSequenceClassification has it (the [CLS] pooler),
+        # which an Optimum export can reproduce (bench/deploy_int8.py).
+        "plain-cls": [*PLAIN, "model.net.pooling=cls"],
         "romebert-teacher": ["model=romebert", f"model.teacher={TEACHER}"],
         "static-3-teacher": [*STATIC["static-3"], f"model.teacher={TEACHER}"],
         "romebert-lr2e-4": ["model=romebert", "model.optimizer.lr=2e-4"],

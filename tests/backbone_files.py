@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -71,3 +72,25 @@ def spread_multi_exit(folder: Path) -> MultiExitBert:
         for head in net.exits:
             head.classifier.weight.mul_(40)
     return net
+
+
+def sharpen(net: MultiExitBert, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
+            target: float = 0.5) -> MultiExitBert:
+    """Scale each exit's classifier so that its median normalised entropy on this batch is
+    ``target``: random heads are either all unsure (every entropy and confidence policy sends
+    every row to the last exit) or all sure (every row leaves at the first); in between, the
+    thresholds 0.3 and 0.6 (confidence 0.8) split the rows over several exits, so a parity
+    test really exercises leaving early, dropping rows and cutting padding."""
+    from rbert.inference.policies import entropy
+
+    with torch.no_grad():
+        logits = net(ids, mask, types)
+        for head, z in zip(net.exits, logits):
+            low, high = 1e-3, 1e4  # entropy falls as the scale grows: bisect on a log scale
+            for _ in range(60):
+                mid = (low * high) ** 0.5
+                h = np.median(entropy((z * mid).numpy()) / np.log(z.shape[-1]))
+                low, high = (mid, high) if h > target else (low, mid)
+            head.classifier.weight.mul_(low)
+            head.classifier.bias.mul_(low)
+    return net.eval()

@@ -16,7 +16,7 @@ from rbert.deploy.folder import write_folder
 from rbert.inference.engine import early_exit
 from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, NoExit, PatienceExit, policy_to_dict
 from rbert.models import MultiExitBert, load_encoder, load_tokenizer
-from tests.backbone_files import FAMILIES, family_batch, spread_multi_exit, write_family
+from tests.backbone_files import FAMILIES, family_batch, sharpen, spread_multi_exit, write_family
 from tests.test_inference import padded_batch, tiny_model
 
 POLICIES = [EntropyExit(0.3), EntropyExit(0.6), ConfidenceExit(0.8), PatienceExit(1), PatienceExit(2), FixedExit(2),
@@ -32,8 +32,9 @@ def spec_for(net: MultiExitBert, consulted=None, policy=None, labels=("a", "b", 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny 4-layer, 3-class multi-exit model with spread exits, exported with every exit consulted."""
-    net = tiny_model(num_labels=3, pooling="mean")
+    """A tiny 4-layer, 3-class multi-exit model whose exits really disagree on the test batch
+    (:func:`sharpen`), exported with every exit consulted."""
+    net = sharpen(tiny_model(num_labels=3, pooling="mean"), *padded_batch())
     folder = save(tmp_path_factory.mktemp("export") / "model", net, load_tokenizer("tiny"), spec_for(net))
     return net, folder
 
@@ -48,15 +49,34 @@ def expected(net, policy, ids, mask, types, consulted=None):
                       exit_layers=consulted)
 
 
-def assert_same(runtime, net, policy, consulted=None):
+def graph_feeds(runtime) -> list[tuple[int, int]]:
+    """(rows, mask length) of every segment graph call of ``runtime`` from now on."""
+    seen = []
+    for _, session in getattr(runtime, "segments", []):
+        run = session.run
+        session.run = lambda out, feeds, run=run: seen.append(feeds["attention_mask"].shape) or run(out, feeds)
+    return seen
+
+
+def assert_same(runtime, net, policy, consulted=None, batch=None):
     """Batched (padding, uneven lengths) and one sample at a time: same exit layers and labels,
-    logits within 1e-4."""
-    ids, mask, types = numpy_batch()
+    logits within 1e-4; an early-exit policy leaves at two exits at least; on onnxruntime each
+    later graph runs on the rows still running, cut to the longest of them."""
+    ids, mask, types = batch or numpy_batch()
     want = expected(net, policy, ids, mask, types, consulted)
+    if not isinstance(policy, (NoExit, FixedExit)):
+        assert want.exit_layer.unique().numel() >= 2, (policy.describe(), want.exit_layer.tolist())
+    seen = graph_feeds(runtime)
     logits, layers = runtime.run(ids, mask, types)
     assert layers.tolist() == want.exit_layer.tolist(), policy.describe()
     assert logits.argmax(-1).tolist() == want.logits.argmax(-1).tolist()
     np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+    if seen:  # the segment runtime (batched): rows dropped and padding cut between graphs
+        exits = consulted or net.exit_layers
+        graphs = seen[:len(exits)]
+        for k, (rows, length) in enumerate(graphs):
+            running = layers >= (exits[k - 1] + 1 if k else 1)
+            assert rows == int(running.sum()) and length == int(mask[running].sum(axis=1).max()), (k, graphs)
     for i in range(ids.shape[0]):
         n = int(mask[i].sum())
         one_logits, one_layer = runtime.run(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
@@ -107,10 +127,11 @@ def test_one_sample_runs_one_composed_graph_where_the_policy_compiles(exported):
 
 
 def test_the_parity_above_covers_a_mix_of_exit_layers(exported):
+    """Every early-exit policy of the parity test splits the batch over several exits."""
     net, _ = exported
     ids, mask, types = numpy_batch()
-    mixes = [expected(net, p, ids, mask, types).exit_layer.unique().numel() for p in POLICIES[:5]]
-    assert max(mixes) >= 3, mixes
+    mixes = {p.describe(): expected(net, p, ids, mask, types).exit_layer.unique().numel() for p in POLICIES[:5]}
+    assert min(mixes.values()) >= 2 and max(mixes.values()) >= 3, mixes
 
 
 def test_exported_policy_answers_by_default_and_rows_are_dropped(exported):
@@ -128,15 +149,14 @@ def test_exported_policy_answers_by_default_and_rows_are_dropped(exported):
 
 def test_pabee_style_with_cls_pooling_and_a_subset_of_exits(tmp_path):
     torch.manual_seed(0)
-    net = MultiExitBert(load_encoder("tiny"), 2, style="pabee", pooling="cls").eval()
-    with torch.no_grad():
-        for head in net.exits:
-            head.classifier.weight.mul_(40)
-    folder = save(tmp_path / "m", net, load_tokenizer("tiny"), spec_for(net, [2, 4], labels=("n", "y")))
-    assert [s.exit for s in read_spec(folder).segments] == [2, 4]
-    for policy in (PatienceExit(1), EntropyExit(0.5)):
-        layers = assert_same(OnnxEarlyExitModel.from_pretrained(folder, policy=policy), net, policy, [2, 4])
-        assert set(layers.tolist()) <= {2, 4}
+    net = sharpen(MultiExitBert(load_encoder("tiny"), 2, style="pabee", pooling="cls"), *padded_batch())
+    folder = save(tmp_path / "m", net, load_tokenizer("tiny"), spec_for(net, [2, 3, 4], labels=("n", "y")))
+    assert [s.exit for s in read_spec(folder).segments] == [2, 3, 4]
+    for policy in (PatienceExit(1), EntropyExit(0.5)):  # patience(1) can leave at 3 (exits 2 and 3 agree)
+        for fused in (True, False):
+            runtime = OnnxEarlyExitModel.from_pretrained(folder, policy=policy, fused=fused)
+            layers = assert_same(runtime, net, policy, [2, 3, 4])
+            assert set(layers.tolist()) <= {2, 3, 4}
 
 
 def test_predict_answers_label_probabilities_and_exit_layer(exported):
@@ -168,22 +188,22 @@ def test_pairs_and_regression(tmp_path):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_exports_and_runs_on_onnxruntime(family, tmp_path):
-    net = spread_multi_exit(write_family(tmp_path, family))
-    folder = save(tmp_path / "export", net, load_tokenizer("minilm"), spec_for(net, [2, 4]))
-    assert read_spec(folder).consulted_exits == [2, 4]
-    ids, mask, types = (t.numpy() for t in family_batch(family))
-    for policy in (PatienceExit(1), EntropyExit(0.5)):
-        want = early_exit(net, policy, *map(torch.from_numpy, (ids, mask, types)), exit_layers=[2, 4])
-        for cls in (OnnxEarlyExitModel, EarlyExitModel):
-            model = cls.from_pretrained(folder, policy=policy)
-            logits, layers = model.run(ids, mask, types)
-            assert layers.tolist() == want.exit_layer.tolist(), (family, cls.__name__)
-            np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
-            for i in range(2):  # one sample: the composed graph on onnxruntime for entropy
-                n = int(mask[i].sum())
-                logits, layers = model.run(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n])
-                assert layers.tolist() == [want.exit_layer[i].item()], (family, cls.__name__, i)
-                np.testing.assert_allclose(logits[0], want.logits[i].numpy(), atol=1e-4, rtol=1e-4)
+    """Per family, per policy, both runtimes (onnxruntime: composed at batch size 1, and one
+    graph an exit), batched and one sample at a time: the engine's exits, labels and logits,
+    with rows leaving at several exits; and with a subset of exits consulted."""
+    batch = family_batch(family)
+    net = sharpen(spread_multi_exit(write_family(tmp_path, family)), *batch)
+    batch = tuple(t.numpy() for t in batch)
+    folder = save(tmp_path / "export", net, load_tokenizer("minilm"), spec_for(net))
+    for policy in (EntropyExit(0.3), EntropyExit(0.6), ConfidenceExit(0.8), PatienceExit(1)):
+        for runtime in (OnnxEarlyExitModel.from_pretrained(folder, policy=policy),
+                        OnnxEarlyExitModel.from_pretrained(folder, policy=policy, fused=False),
+                        EarlyExitModel.from_pretrained(folder, policy=policy)):
+            assert_same(runtime, net, policy, batch=batch)
+    subset = save(tmp_path / "subset", net, load_tokenizer("minilm"), spec_for(net, [2, 4]))
+    assert read_spec(subset).consulted_exits == [2, 4]
+    policy = EntropyExit(0.6)
+    assert_same(OnnxEarlyExitModel.from_pretrained(subset, policy=policy, fused=False), net, policy, [2, 4], batch)
 
 
 # ---------------------------------------------------------------------------- the folder is data

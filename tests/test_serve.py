@@ -49,6 +49,34 @@ def test_export_writes_a_folder_with_the_chosen_policy(exported_run, romebert_ck
         assert [a["exit_layer"] for a in answers] == [int(r[3]) for r in rows], cls.__name__
 
 
+@pytest.mark.parametrize(("task", "policy"), [
+    ("mrpc", ["exit_policy=entropy", "exit_policy.threshold=0.6"]),
+    ("stsb", ["exit_policy=patience", "exit_policy.patience=1", "exit_policy.tolerance=0.2"]),
+])
+def test_pair_and_regression_exports_answer_as_mode_predict(task, policy, glue_dir, tmp_path):
+    """A two-text task and a regression through mode=export: both runtimes give mode=predict's
+    answers (label or score, and exit layer) on the same pairs."""
+    run_cli(tmp_path / "run", f"task={task}", "model=romebert", f"data_dir={glue_dir}", "trainer.max_epochs=2",
+            "model.optimizer.lr=2e-3", "logger=none", "test=false", "eval.after_train=false")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    run_cli(tmp_path / "exp", "mode=export", f"ckpt_path={ckpt}", f"export_dir={tmp_path / 'm'}",
+            f"data_dir={glue_dir}", *policy)
+    pairs = [["a man is singing", "a person sings"], ["the cat sat", "stocks fell sharply today"],
+             ["he said it was fine", "he said that it was fine"], ["rain", "a long , wet afternoon in the city"]]
+    (tmp_path / "pairs.txt").write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    run_cli(tmp_path / "pred", "mode=predict", f"ckpt_path={ckpt}", f"predict.input={tmp_path / 'pairs.txt'}",
+            f"data_dir={glue_dir}", *policy)
+    rows = [line.split("\t") for line in (tmp_path / "pred" / "predictions.tsv").read_text().splitlines()[1:]]
+    assert read_spec(tmp_path / "m").text_fields == ["sentence1", "sentence2"]
+    for cls in (EarlyExitModel, OnnxEarlyExitModel):
+        answers = cls.from_pretrained(tmp_path / "m").predict(pairs)
+        assert [a["exit_layer"] for a in answers] == [int(r[4]) for r in rows], cls.__name__
+        if task == "stsb":
+            assert [round(a["score"], 3) for a in answers] == pytest.approx([float(r[2]) for r in rows], abs=2e-3)
+        else:
+            assert [a["label"] for a in answers] == [r[2] for r in rows], cls.__name__
+
+
 def test_export_refuses_a_used_folder_and_bad_options(exported_run, romebert_ckpt, tmp_path):  # noqa: F811
     folder, _ = exported_run
     proc = run_cli(tmp_path / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={folder}", check=False)
