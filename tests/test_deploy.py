@@ -275,7 +275,7 @@ def corrupt(folder, tmp_path, edit):
      "policy: policy name 'os.system' is not one of"),
     (lambda c: c["rbert_early_exit"].update(policy={"_target_": "os.system", "name": "entropy", "x": 1}),
      "policy: policy entropy: .*unexpected keyword"),
-    (lambda c: c.update(model_type="gpt2"), "model_type|gpt2"),
+    (lambda c: c["backbone"].update(model_type="gpt2"), "backbone.model_type 'gpt2' is not one of"),
     (lambda c: c["rbert_early_exit"].update(labels=["a", "a", "b"]), "distinct class names"),
     (lambda c: c["rbert_early_exit"]["onnx"]["segments"][0].update(file="../../etc/passwd"),
      "segments\\[0\\].file = '../../etc/passwd': expected a file name inside the folder"),

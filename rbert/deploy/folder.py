@@ -1,12 +1,14 @@
 """The exported folder: what an early-exit model needs to run without Hydra or Lightning.
 
-Layout (Hugging Face style, so ``transformers.AutoConfig`` and ``AutoTokenizer`` read it):
+Layout (Hugging Face's, for a custom architecture):
 
-* ``config.json``: the backbone's own config (its ``model_type`` picks the family), the
-  labels as ``id2label``, and an ``rbert_early_exit`` section: the exits, their style and
-  pooling, which exits the objective trained and which the runtime consults, the exit
-  policy with its threshold (chosen at export time), the text fields and the maximum length;
-* ``model.safetensors``: the multi-exit model's weights, by name;
+* ``config.json``: ``model_type`` rbert_early_exit with an ``auto_map`` into
+  ``modeling_rbert.py`` (so ``transformers`` runs it with ``trust_remote_code``, and refuses
+  it without), the backbone's own config under ``backbone`` (its ``model_type`` picks the
+  family), the labels as ``id2label``, and an ``rbert_early_exit`` section: the exits, their
+  style and pooling, which exits the objective trained and which the runtime consults, the
+  exit policy with its threshold (chosen at export time), the text fields and the maximum length;
+* ``model.safetensors``: the multi-exit model's weights, by name; ``modeling_rbert.py``;
 * the tokenizer's files;
 * ``onnx/``: one graph per consulted exit, the first with the embeddings (see :mod:`rbert.deploy.onnx_export`).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SECTION = "rbert_early_exit"
-FORMAT = 2  # 2: the embeddings are inside the first ONNX graph (1 had a graph of their own)
+FORMAT = 3  # 3: a model type of its own, the backbone's config under "backbone"; 2: embeddings in the first graph
 
 
 class FolderError(ValueError):

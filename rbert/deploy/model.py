@@ -12,8 +12,8 @@ and the weights load strictly by name.
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rbert.deploy.folder import SECTION, DeploySpec, FolderError, read_spec, write_folder
+from rbert.deploy.folder import SECTION, DeploySpec, FolderError, read_config, read_spec, write_folder
 from rbert.deploy.predictor import Predictor, folder_policy
 from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.engine import EarlyExit
 from rbert.inference.policies import ExitPolicy
 from rbert.models.encoder import write_hf_folder
 from rbert.models.multi_exit import MultiExitBert
+from rbert.report import write_json
 
-ARCHITECTURE = "RbertEarlyExitModel"
+ARCHITECTURE = "RbertEarlyExitForSequenceClassification"
+MODEL_TYPE = "rbert_early_exit"
 
 
 def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec, onnx: bool = True,
@@ -47,15 +49,37 @@ def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec
             spec.onnx = export_onnx(net, spec.consulted_exits, folder, spec.policy)
             if after_onnx is not None:
                 after_onnx(folder, spec)
-        config = copy.deepcopy(net.bert.config)
-        if not spec.regression:
-            config.id2label = dict(enumerate(spec.labels))
-            config.label2id = {name: i for i, name in enumerate(spec.labels)}
-        setattr(config, SECTION, asdict(spec))
-        write_hf_folder(folder, config, ARCHITECTURE, dict(net.state_dict()))
+        write_hf_folder(folder, net.bert.config, ARCHITECTURE, dict(net.state_dict()))
+        write_json(folder / "config.json", folder_config(net, spec))  # the backbone's config, wrapped
+        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), folder / "modeling_rbert.py")
         tokenizer.save_pretrained(folder)
 
     return write_folder(out, fill)
+
+
+def heads(net: MultiExitBert) -> dict:
+    """Where each exit's pooler lives, for the folder's ``transformers`` face (modeling_rbert.py)."""
+    if net.pooler is not None:
+        shared = "pooler.dense"
+    else:  # the backbone's own: BERT's pooler.dense, ALBERT's pooler
+        shared = next(name for name, p in net.named_parameters() if p is net.bert.pooler_dense.weight)[:-len(".weight")]
+    return {"shared_pooler": shared, "exit_poolers": [head.pooler is not None for head in net.exits]}
+
+
+def folder_config(net: MultiExitBert, spec: DeploySpec) -> dict:
+    """config.json: a model type of its own with an ``auto_map`` into the folder's
+    modeling_rbert.py (the Hub's convention for custom architectures, so that ``transformers``
+    runs the exits with ``trust_remote_code`` and refuses the folder without it), the
+    backbone's config under ``backbone``, the labels, and the ``rbert_early_exit`` section."""
+    config = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
+              "auto_map": {"AutoConfig": "modeling_rbert.RbertEarlyExitConfig",
+                           "AutoModel": "modeling_rbert.RbertEarlyExitBackbone",
+                           "AutoModelForSequenceClassification": f"modeling_rbert.{ARCHITECTURE}"},
+              "backbone": net.bert.config.to_dict(), "heads": heads(net), SECTION: asdict(spec)}
+    if not spec.regression:
+        config["id2label"] = {str(i): name for i, name in enumerate(spec.labels)}
+        config["label2id"] = {name: i for i, name in enumerate(spec.labels)}
+    return config
 
 
 def load_net(folder: str | os.PathLike, spec: DeploySpec) -> MultiExitBert:
@@ -66,13 +90,14 @@ def load_net(folder: str | os.PathLike, spec: DeploySpec) -> MultiExitBert:
     from rbert.models.families import FAMILIES
 
     folder = Path(folder)
+    backbone = dict(read_config(folder).get("backbone") or {})
+    family = backbone.pop("model_type", None)
+    if family not in FAMILIES:
+        raise FolderError(f"{folder / 'config.json'}: backbone.model_type {family!r} is not one of {list(FAMILIES)}")
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise FolderError(f"{folder / 'config.json'}: {str(err).splitlines()[0]}") from err
-    if config.model_type not in FAMILIES:
-        raise FolderError(f"{folder / 'config.json'}: model_type {config.model_type!r} is not one of "
-                          f"{list(FAMILIES)}")
+        config = AutoConfig.for_model(family, **backbone)
+    except (TypeError, ValueError) as err:
+        raise FolderError(f"{folder / 'config.json'}: backbone: {str(err).splitlines()[0]}") from err
     try:
         net = MultiExitBert(FAMILIES[config.model_type](config), spec.num_labels, spec.exit_layers, spec.style,
                             spec.pooling)

@@ -37,7 +37,7 @@ def quantize_graphs(folder: Path, onnx_section: dict) -> dict:
 
     root = logging.getLogger()  # the quantiser logs a line per tensor on the root logger
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))  # and a warning that suggests pre-processing each time
     try:
         for segment in onnx_section["segments"]:
             path = folder / segment["file"]
