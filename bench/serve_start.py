@@ -9,11 +9,14 @@ from /proc; ``--repeats`` starts each, the order rotating, median reported. Ways
   no torch, transformers, Lightning or Hydra imported);
 * ``mode=serve``: ``python run.py mode=serve serve.folder=FOLDER`` of this checkout (Hydra
   on top of the same server);
-* ``mode=serve, before``: the same command in a checkout of ``--before`` (a commit from
-  before the torch-free runtime: policies in torch, the tokenizer from transformers), when
-  given, so that "today's" server is measured in the same run.
+* ``mode=serve, before``: the same command in ``--before-dir``, a checkout of a commit from
+  before the torch-free runtime (policies in torch, the tokenizer from transformers), on
+  ``--before-folder``, the same checkpoint exported by that checkout (fp32: it had no int8),
+  so that "today's" server is measured in the same run. Ratios are against that row.
 
-    python bench/serve_start.py --folders logs/deploy_int8/ee_fp32 logs/deploy_int8/ee_int8 --before 9c5036c
+    git worktree add /tmp/before 9c5036c && (cd /tmp/before && python run.py mode=export ...)
+    python bench/serve_start.py --folders logs/deploy_int8/ee_fp32 logs/deploy_int8/ee_int8 \
+        --before-dir /tmp/before --before-folder logs/deploy_int8/ee_fp32_before
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serve_load import free_port  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -79,7 +76,8 @@ def start(cmd: list[str], cwd: Path, port: int, timeout: float = 120) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folders", type=Path, nargs="+", required=True)
-    parser.add_argument("--before", help="a commit whose mode=serve is measured too (a worktree is made)")
+    parser.add_argument("--before-dir", type=Path, required=True, help="a checkout of the commit to compare with")
+    parser.add_argument("--before-folder", type=Path, required=True, help="the folder that checkout exported")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_start.json")
     args = parser.parse_args()
@@ -87,35 +85,27 @@ def main() -> None:
                                                 str(p)]),
             "mode=serve": (REPO, lambda f, p: [sys.executable, "run.py", "mode=serve", f"serve.folder={f}",
                                                f"serve.port={p}", "hydra.run.dir=" + tempfile.mkdtemp()])}
-    if args.before:
-        old = Path(tempfile.mkdtemp(prefix="rbert_before_"))
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.before], cwd=REPO, check=True,
-                       capture_output=True)
-        ways["mode=serve, before"] = (old, ways["mode=serve"][1])
+    jobs = [(folder, way) for folder in args.folders for way in ways]
+    jobs.append((args.before_folder, "mode=serve, before"))
+    ways["mode=serve, before"] = (args.before_dir.resolve(), ways["mode=serve"][1])
     runs: dict[tuple, list[dict]] = {}
-    try:
-        for r in range(args.repeats):
-            for folder in args.folders:
-                order = list(ways)[r % len(ways):] + list(ways)[:r % len(ways)]
-                for way in order:
-                    cwd, command = ways[way]
-                    port = free_port()
-                    runs.setdefault((folder.name, way), []).append(start(command(folder.resolve(), port), cwd, port))
-    finally:
-        if args.before:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
+    for r in range(args.repeats):
+        for folder, way in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:  # the order rotating
+            cwd, command = ways[way]
+            port = free_port()
+            runs.setdefault((folder.name, way), []).append(start(command(folder.resolve(), port), cwd, port))
     rows = []
     for (folder, way), results in runs.items():
         rows.append({"folder": folder, "way": way,
                      **{k: statistics.median(x[k] for x in results) for k in ("seconds", "rss_mb", "peak_mb")}})
+    base = rows[-1]
     for row in rows:
-        base = next(r for r in rows if r["folder"] == row["folder"] and r["way"] == list(ways)[-1])
-        row["start vs " + list(ways)[-1]] = row["seconds"] / base["seconds"]
-        row["memory vs " + list(ways)[-1]] = row["rss_mb"] / base["rss_mb"]
+        row["start vs before"] = row["seconds"] / base["seconds"]
+        row["memory vs before"] = row["rss_mb"] / base["rss_mb"]
     print(f"process start to first answer, median of {args.repeats}; memory when it answered")
     print(format_table(rows, floatfmt="{:.2f}"))
     write_json(args.out, {"rows": rows, "runs": {f"{k[0]} / {k[1]}": v for k, v in runs.items()},
-                          "before": args.before, "date": time.strftime("%Y-%m-%d")})
+                          "before": str(args.before_dir), "date": time.strftime("%Y-%m-%d")})
 
 
 if __name__ == "__main__":
