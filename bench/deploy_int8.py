@@ -7,9 +7,12 @@ On SST-2 dev, in turns in one process, at batch size 1 and batched, six ONNX run
   rbert's logits) exported by ``ORTModelForSequenceClassification(export=True)`` and quantised
   by ``ORTQuantizer`` (``AutoQuantizationConfig.avx2``, dynamic). optimum-onnx pins
   transformers<4.58, so that step runs in a venv of its own (``--optimum-python``), as its
-  users have; its graphs are then timed here on onnxruntime directly, with onnxruntime's
-  default session options (what ``ORTModel`` creates; its torch <-> NumPy wrapping is left
-  out, which only flatters Optimum);
+  users have; its graphs are then timed here on onnxruntime directly (``ORTModel``'s torch
+  <-> NumPy wrapping is left out, which only flatters Optimum), twice: with onnxruntime's
+  default session options (what ``ORTModel`` creates), timed in turns with each other only,
+  because default threads keep spinning after a run and steal the cores from whatever runs
+  next; and with rbert's session options (spin during a run, stop after), in turns with the
+  rest. Speed-ups are over the faster of the two;
 * **rbert plain fp32 / int8**: the plain ``model=bert`` (mean pooling) checkpoint through
   ``mode=export`` (``export_quantize=int8``), on rbert's ONNX runtime at full depth;
 * **rbert early exit fp32 / int8**: the early-exit checkpoint through ``mode=export
@@ -107,12 +110,15 @@ def hf_folder(ckpt: Path, out: Path, texts: list[str]) -> Path:
 
 
 class Session:
-    """An Optimum graph on onnxruntime with its default session options."""
+    """An Optimum graph on onnxruntime: its default session options, or ``config``'s entries."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, config: dict[str, str] | None = None):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def run(self, input_ids, attention_mask, token_type_ids):
@@ -160,10 +166,16 @@ def main() -> None:
         (work / "optimum" / "version.txt").write_text(optimum_version)
     optimum_version = (work / "optimum" / "version.txt").read_text()
 
-    runs = {"Optimum fp32": Session(work / "optimum" / "fp32" / "model.onnx"),
-            "Optimum int8": Session(next((work / "optimum" / "int8").glob("*.onnx")))}
+    optimum = {"fp32": work / "optimum" / "fp32" / "model.onnx",
+               "int8": next((work / "optimum" / "int8").glob("*.onnx"))}
+    runs = {f"Optimum {k}": Session(path, OnnxEarlyExitModel.SESSION_CONFIG) for k, path in optimum.items()}
+    defaults = {f"Optimum {k}, ORT defaults": Session(path) for k, path in optimum.items()}
     for name, folder in folders.items():
         runs[name] = OnnxEarlyExitModel.from_pretrained(folder)
+    # the int8 exits at the threshold the fp32 exits earned on the selection split
+    fp32_policy = read_spec(folders["rbert early exit fp32"]).policy
+    runs["rbert early exit int8, fp32's threshold"] = OnnxEarlyExitModel.from_pretrained(
+        folders["rbert early exit int8"], policy=fp32_policy)
     assert all(isinstance(m.policy, NoExit) for n, m in runs.items() if "plain" in n and "rbert" in n)
     tokenizer = FolderTokenizer.from_folder(folders["rbert plain fp32"])
     length = read_spec(folders["rbert plain fp32"]).max_length
@@ -172,13 +184,15 @@ def main() -> None:
                    for s in range(0, len(texts), args.batch_size)]
     acc = {name: {"batched": accuracy(m.run, dev_batched, gold), "bs1": accuracy(m.run, dev_single, gold)}
            for name, m in runs.items()}
+    for name in defaults:
+        acc[name] = acc[name.replace(", ORT defaults", "")]
     exits = {}
-    for name in ("rbert early exit fp32", "rbert early exit int8"):
+    for name in ("rbert early exit fp32", "rbert early exit int8", "rbert early exit int8, fp32's threshold"):
         layers = np.concatenate([runs[name].run(x["input_ids"], x["attention_mask"], x["token_type_ids"])[1]
                                  for x in dev_batched])
         exits[name] = float(layers.mean())
-        spec = read_spec(folders[name])
-        logits = graph_exit_logits(folders[name], spec.onnx, dev_batched)
+        folder = folders[name.split(",")[0]]
+        logits = graph_exit_logits(folder, read_spec(folder).onnx, dev_batched)
         acc[name]["per exit"] = [round(100 * float((z.argmax(-1) == gold).mean()), 2) for z in logits]
 
     single = [dev_single[i] for i in evenly(len(texts), args.samples)]
@@ -191,10 +205,12 @@ def main() -> None:
                                        inputs[i]["token_type_ids"])
 
         seconds = time_in_turns({name: call(m) for name, m in runs.items()}, len(inputs), args.repeats)
-        for name in runs:
+        seconds |= time_in_turns({name: call(m) for name, m in defaults.items()}, len(inputs), args.repeats)
+        reference = {k: min(seconds[f"Optimum {k}"], seconds[f"Optimum {k}, ORT defaults"]) for k in optimum}
+        for name in [*defaults, *runs]:
             rows.append({"runtime": name, "batch size": bs, "ms per item": 1000 * seconds[name] / len(inputs),
-                         "vs Optimum fp32": seconds["Optimum fp32"] / seconds[name],
-                         "vs Optimum int8": seconds["Optimum int8"] / seconds[name],
+                         "vs Optimum fp32": reference["fp32"] / seconds[name],
+                         "vs Optimum int8": reference["int8"] / seconds[name],
                          "dev acc batched": acc[name]["batched"], "dev acc bs=1": acc[name]["bs1"]})
     print(f"SST-2 dev; bs=1 on {len(single)} sentences, batched on {len(batched)} batches of {args.batch_size}; "
           f"best of {args.repeats}, in turns ({time.time() - started:.0f} s); {optimum_version}")
@@ -203,7 +219,7 @@ def main() -> None:
         print(f"{name}: policy {runs[name].policy.describe()}, mean exit layer {exits[name]:.2f}; "
               f"dev accuracy per exit (full depth) {acc[name]['per exit']}")
     write_json(args.out, {"rows": rows, "accuracy": acc, "mean_exit_layer": exits, "optimum": optimum_version,
-                          "policies": {n: runs[n].policy.describe() for n in folders},
+                          "policies": {n: m.policy.describe() for n, m in runs.items() if n.startswith("rbert")},
                           "quantization": read_spec(folders["rbert early exit int8"]).onnx["quantization"],
                           "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
                           "checkpoints": {"early_exit": str(args.early_exit), "plain": str(args.plain),

@@ -59,6 +59,17 @@ def shared_glue() -> Path:
     return SHARED_GLUE
 
 
+@pytest.fixture(scope="session")
+def romebert_ckpt(glue_dir, tmp_path_factory) -> Path:
+    """A tiny fine-tuned RomeBERT checkpoint (sst2), trained once for every module that needs one."""
+    from tests.test_run import run_cli
+
+    run_dir = tmp_path_factory.mktemp("romebert")
+    run_cli(run_dir, "model=romebert", f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null",
+            "trainer.max_epochs=4", "model.optimizer.lr=2e-3", "logger=none", "test=false", "eval.after_train=false")
+    return run_dir / "checkpoints" / "best.ckpt"
+
+
 def task_spec(name: str, **overrides):
     """The TaskSpec of conf/task/<name>.yaml, built as Hydra would."""
     from rbert.data.tasks import TaskSpec

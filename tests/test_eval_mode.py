@@ -12,14 +12,6 @@ from rbert.inference.timing import time_in_turns
 from tests.test_run import run_cli
 
 
-@pytest.fixture(scope="module")
-def romebert_ckpt(glue_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("romebert")
-    run_cli(run_dir, "model=romebert", f"data_dir={glue_dir}", "data.batch_size=16", "data.train_limit=null",
-            "trainer.max_epochs=4", "model.optimizer.lr=2e-3", "logger=none", "test=false", "eval.after_train=false")
-    return run_dir / "checkpoints" / "best.ckpt"
-
-
 @pytest.mark.parametrize("policy", ["entropy", "confidence", "patience", "fixed"])
 def test_eval_sweeps_and_writes_table_csv_json_png(policy, romebert_ckpt, glue_dir, tmp_path):
     proc = run_cli(tmp_path / "ev", "mode=eval", f"ckpt_path={romebert_ckpt}", f"exit_policy={policy}",

@@ -4,6 +4,9 @@ re-chosen threshold."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -16,7 +19,6 @@ from rbert.inference.engine import early_exit
 from rbert.inference.policies import ConfidenceExit, EntropyExit, FixedExit, NoExit, PatienceExit, policy_from_dict
 from rbert.models import load_tokenizer
 from tests.test_deploy import spec_for
-from tests.test_eval_mode import romebert_ckpt  # noqa: F401  (a module fixture: a tiny fine-tuned RomeBERT)
 from tests.test_inference import tiny_model
 from tests.test_run import run_cli
 
@@ -35,7 +37,13 @@ def folders(tmp_path_factory):
             head.classifier.weight.mul_(5)
     root = tmp_path_factory.mktemp("int8")
     fp32 = save(root / "fp32", net, load_tokenizer("tiny"), spec_for(net))
-    return net, fp32, save(root / "int8", net, load_tokenizer("tiny"), spec_for(net), after_onnx=int8)
+    folder = shutil.copytree(fp32, root / "int8")  # the same graphs, then quantised as the export does
+    spec = read_spec(folder)
+    int8(folder, spec)
+    config = json.loads((folder / "config.json").read_text())
+    config["rbert_early_exit"]["onnx"] = spec.onnx
+    (folder / "config.json").write_text(json.dumps(config))
+    return net, fp32, folder
 
 
 def random_rows(n: int = 300, seed: int = 0):
@@ -103,7 +111,7 @@ def test_int8_agrees_with_fp32_on_99_percent_of_labels(folders):
         assert (layers == want.exit_layer.numpy()).mean() >= 0.95, policy.describe()
 
 
-def test_export_quantize_int8_end_to_end(romebert_ckpt, glue_dir, tmp_path):  # noqa: F811
+def test_export_quantize_int8_end_to_end(romebert_ckpt, glue_dir, tmp_path):
     proc = run_cli(tmp_path / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={tmp_path / 'm'}",
                    "exit_policy=budget", "exit_policy.max_drop=5", "export_quantize=int8", f"data_dir={glue_dir}")
     spec = read_spec(tmp_path / "m")
@@ -125,7 +133,7 @@ def test_export_quantize_int8_end_to_end(romebert_ckpt, glue_dir, tmp_path):  # 
     (["export_quantize=int4"], "export_quantize: 'int4' is not one of null, int8"),
     (["export_quantize=int8", "export_onnx=false"], "export_quantize=int8 quantises the ONNX graphs"),
 ])
-def test_export_quantize_bad_options(romebert_ckpt, tmp_path, overrides, message):  # noqa: F811
+def test_export_quantize_bad_options(romebert_ckpt, tmp_path, overrides, message):
     proc = run_cli(tmp_path / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={tmp_path / 'm'}",
                    *overrides, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

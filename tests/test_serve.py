@@ -13,12 +13,11 @@ from fastapi.testclient import TestClient
 
 from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, read_spec
 from rbert.deploy.server import BadRequest, Limits, MicroBatcher, create_app
-from tests.test_eval_mode import romebert_ckpt  # noqa: F401  (a module fixture: a tiny fine-tuned RomeBERT)
 from tests.test_run import run_cli
 
 
 @pytest.fixture(scope="module")
-def exported_run(romebert_ckpt, glue_dir, tmp_path_factory):  # noqa: F811
+def exported_run(romebert_ckpt, glue_dir, tmp_path_factory):
     """``mode=export`` of the tiny RomeBERT checkpoint, the threshold chosen by a budget on the dev set."""
     out = tmp_path_factory.mktemp("exported")
     proc = run_cli(out / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={out / 'model'}",
@@ -26,7 +25,7 @@ def exported_run(romebert_ckpt, glue_dir, tmp_path_factory):  # noqa: F811
     return out / "model", proc
 
 
-def test_export_writes_a_folder_with_the_chosen_policy(exported_run, romebert_ckpt, glue_dir, tmp_path):  # noqa: F811
+def test_export_writes_a_folder_with_the_chosen_policy(exported_run, romebert_ckpt, glue_dir, tmp_path):
     folder, proc = exported_run
     assert "early-exit model written to" in proc.stdout
     spec = read_spec(folder)
@@ -77,7 +76,7 @@ def test_pair_and_regression_exports_answer_as_mode_predict(task, policy, glue_d
             assert [a["label"] for a in answers] == [r[2] for r in rows], cls.__name__
 
 
-def test_export_refuses_a_used_folder_and_bad_options(exported_run, romebert_ckpt, tmp_path):  # noqa: F811
+def test_export_refuses_a_used_folder_and_bad_options(exported_run, romebert_ckpt, tmp_path):
     folder, _ = exported_run
     proc = run_cli(tmp_path / "run", "mode=export", f"ckpt_path={romebert_ckpt}", f"export_dir={folder}", check=False)
     assert proc.returncode == 2 and "error: export_dir: " in proc.stderr and "is not an empty folder" in proc.stderr
