@@ -113,3 +113,11 @@ def test_option_composes_and_instantiates(primary, group, option, glue_dir, text
     for callback in instantiate_all(cfg.get("callbacks")):
         assert isinstance(callback, pl.Callback)
     instantiate_trainer(cfg)
+
+
+def test_deebert_stages_follow_the_epoch_budget(glue_dir, tmp_path):
+    """``trainer.max_epochs=3`` gives DeeBERT 3 epochs per stage, as every other objective gets
+    3 epochs (a fixed [1, 1] once gave it a third of a plan's budget without a word)."""
+    cfg = make_config(["model=deebert", "trainer.max_epochs=3", f"data_dir={glue_dir}"], tmp_path)
+    system = build_system(cfg, build_task(cfg))
+    assert list(system.stage_epochs) == [3, 3]
