@@ -78,7 +78,7 @@ def test_static_depth_trains_exports_and_serves(glue_dir, tmp_path):
     assert not any(".layer.2." in k for k in state) and any(".layer.1." in k for k in state)
     run_cli(tmp_path / "export", "mode=export", f"ckpt_path={ckpt}", f"data_dir={glue_dir}",
             f"export_dir={tmp_path / 'folder'}", "export_onnx=false", "exit_policy=none")
-    assert json.loads((tmp_path / "folder" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert json.loads((tmp_path / "folder" / "config.json").read_text())["backbone"]["num_hidden_layers"] == 2
     answers = EarlyExitModel.from_pretrained(tmp_path / "folder").predict(["a fine film", "dull"])
     assert [a["exit_layer"] for a in answers] == [2, 2]
 
