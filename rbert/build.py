@@ -21,7 +21,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import rbert.launch  # noqa: F401  (registers the rbert.run_id resolver that conf/hydra/default.yaml uses)
 from rbert.errors import ConfigError, option_message
@@ -71,13 +71,36 @@ def model_error(err: BaseException | None) -> ValueError | None:
     return None
 
 
+# A tagging task's heads: every ``model=`` names a sentence network; the task's kind swaps in
+# the token one (no pooler: ``pooling`` and ``style`` have no meaning there).
+TOKEN_NETS = {"rbert.models.BertForSequenceClassification": "rbert.models.BertForTokenClassification",
+              "rbert.models.MultiExitBert": "rbert.models.MultiExitTokenBert"}
+SENTENCE_ONLY = ("pooling", "style")
+
+
+def model_config(cfg: DictConfig, task=None) -> DictConfig:
+    """``cfg.model``, with token heads when ``task`` is a tagging task."""
+    if getattr(task, "kind", None) != "tagging":
+        return cfg.model
+    model = cfg.model.copy()
+    target = OmegaConf.select(model, "net._target_")
+    if target not in TOKEN_NETS:
+        raise ConfigError(f"model: task {task.name} tags words, and model.net._target_={target!r} has no token "
+                          f"heads (the sentence models that do: {', '.join(TOKEN_NETS)})")
+    with open_dict(model):
+        model.net._target_ = TOKEN_NETS[target]
+        for key in SENTENCE_ONLY:
+            model.net.pop(key, None)
+    return model
+
+
 def build_system(cfg: DictConfig, task=None) -> pl.LightningModule:
     check_optimisation(cfg)
     try:
         # Partial, then called: Hydra would turn the TaskSpec object into a config node.
         if task is None:
             return hydra.utils.instantiate(cfg.model)
-        return hydra.utils.instantiate(cfg.model, _partial_=True)(task=task)
+        return hydra.utils.instantiate(model_config(cfg, task), _partial_=True)(task=task)
     except Exception as err:
         cause = model_error(err)
         if cause is None:

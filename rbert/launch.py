@@ -41,8 +41,15 @@ def run_id(time_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
     return datetime.now().strftime(time_format)
 
 
+def first(*values):
+    """The first value that is set (not null): ``${rbert.first:${data_dir},${oc.env:RBERT_DATA_DIR,null}}``."""
+    return next((v for v in values if v is not None), None)
+
+
 if not OmegaConf.has_resolver("rbert.run_id"):
     OmegaConf.register_new_resolver("rbert.run_id", run_id, use_cache=True)  # as Hydra's `now`: one value per run
+if not OmegaConf.has_resolver("rbert.first"):
+    OmegaConf.register_new_resolver("rbert.first", first)
 
 
 # ---------------------------------------------------------------------------- DDP children

@@ -67,7 +67,7 @@ def report(cfg: DictConfig, task, results: dict[str, float], ckpt_path: str | No
     """Print the result table and write ``results.json`` in the run folder."""
     header = f"task={task.name} model={model_choice(cfg)} backbone={cfg.backbone} seed={cfg.seed}"
     if "test" not in task.splits:
-        header += "  (test = dev set(s): GLUE test labels are hidden)"
+        header += "  (test = dev set(s): no labelled test split)"
     tested = {k: v for k, v in results.items() if not k.startswith("val")}
     print(f"\n{header}\n{metrics_table(tested)}\n")
     summary = {"task": task.name, "backbone": cfg.backbone, "seed": cfg.seed, "test": tested,

@@ -16,6 +16,7 @@ from rbert.build import build_datamodule, build_system, build_task, instantiate_
 from rbert.inference.policies import ExitPolicy
 from rbert.pretrain import own_vocabulary
 from rbert.systems import MaskedLM, TaskSystem
+from tests.tagging_files import write_ewt, write_wnut
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -74,12 +75,23 @@ def test_pretrain_config_carries_no_task():
     assert cfg.mode == "pretrain" and cfg.trainer.max_steps > 0
 
 
+# Options that need tagging files (and what else they need).
+TAGGING = {("data", "tagging"): ["task=pos_ewt"], ("task", "pos_ewt"): [], ("task", "ner_wnut17"): [],
+           ("task", "tagging"): ["task.num_labels=6"]}
+
+
 @pytest.mark.parametrize(("primary", "group", "option"), CASES, ids=[f"{p}:{g}={o}" for p, g, o in CASES])
 def test_option_composes_and_instantiates(primary, group, option, glue_dir, text_dir, tmp_path):
     # hydra/default is the only option of its group and always in use.
     overrides = [] if group == "hydra" else [f"{group}={option}"]
     if primary == "pretrain":
         overrides += [f"data_dir={text_dir}"] + ([] if group == "arch" else ["arch=tiny"])
+    elif (group, option) in TAGGING:
+        # Tagging tasks read their own folders (and pick data=tagging); data=tagging needs one.
+        write_ewt(tmp_path), write_wnut(tmp_path)
+        (tmp_path / "train.txt").write_text((tmp_path / "WNUT17" / "wnut17train.conll").read_text())
+        (tmp_path / "dev.txt").write_text((tmp_path / "WNUT17" / "emerging.dev.conll").read_text())
+        overrides += ["backbone=tiny", f"data_dir={tmp_path}", *TAGGING[(group, option)]]
     else:
         overrides += ["backbone=tiny", f"data_dir={glue_dir}"]
     cfg = make_config(overrides, tmp_path, primary)
@@ -101,7 +113,8 @@ def test_option_composes_and_instantiates(primary, group, option, glue_dir, text
     # a loss and logits on the masked positions only.
     if isinstance(model, TaskSystem):
         assert primary == "config"
-        assert model(batch)[-1].shape == (size, task.num_labels)
+        tokens = (batch["input_ids"].shape[1],) if task.kind == "tagging" else ()
+        assert model(batch)[-1].shape == (size, *tokens, task.num_labels)
         assert isinstance(hydra.utils.instantiate(cfg.exit_policy), ExitPolicy)
     else:
         assert isinstance(model, MaskedLM) and primary == "pretrain"

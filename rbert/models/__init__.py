@@ -6,7 +6,8 @@ from rbert.models.hub import load_encoder, load_tokenizer, masked_lm
 from rbert.models.mlm import BertForMaskedLM
 from rbert.models.multi_exit import MultiExitBert
 from rbert.models.relaxed import LinearSelfAttention, LowRankLinear, expand_state_dict  # registers the relaxed blocks
+from rbert.models.token_heads import BertForTokenClassification, MultiExitTokenBert
 
-__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertModel", "BertForSequenceClassification",
-           "BertForMaskedLM", "LinearSelfAttention", "LowRankLinear", "MultiExitBert", "expand_state_dict",
-           "load_encoder", "load_tokenizer", "masked_lm", "pool"]
+__all__ = ["ATTENTIONS", "FEED_FORWARDS", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification",
+           "BertForTokenClassification", "BertModel", "LinearSelfAttention", "LowRankLinear", "MultiExitBert",
+           "MultiExitTokenBert", "expand_state_dict", "load_encoder", "load_tokenizer", "masked_lm", "pool"]

@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from rbert.data.tasks import TaskSpec
 from rbert.errors import ConfigError
+from rbert.inference.words import IGNORE
 from rbert.metrics import build_metrics, predictions
 
 # model.schedule -> transformers' scheduler name (each with linear warm-up)
@@ -176,7 +177,9 @@ class TaskSystem(BaseSystem):
                 if multi:  # the final exit also under the plain name
                     names["final"] = f"{prefix}/"
                 for key, name in names.items():
-                    self.metrics[self._metric_key(prefix, key)] = build_metrics(task, name)
+                    # Per-type F1 (tagging) for the final exit only: the other exits' are in eval's tables.
+                    final = key == "final" or not multi
+                    self.metrics[self._metric_key(prefix, key)] = build_metrics(task, name, per_type=final)
 
     def monitor(self) -> tuple[str, str] | None:
         return self.task.monitor_key, "max"  # every task metric improves upwards
@@ -200,6 +203,22 @@ class TaskSystem(BaseSystem):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared pieces
+    def scored(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every exit's logits and the labels, one row per scored sample.
+
+        A sample is a sentence, or, for a tagging task, a labelled word (its first piece). The
+        objectives' losses (cross-entropy, distillation, layer weights, gradient
+        regularisation) then hold per word with no token code of their own.
+        """
+        logits, labels = self(batch), batch["labels"]
+        return [self.rows(z, batch) for z in logits], self.rows(labels, batch)
+
+    def rows(self, values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``values`` per sample (a teacher's logits too): per labelled word for a tagging task."""
+        if self.task.kind != "tagging":
+            return values
+        return values[batch["labels"] != IGNORE]
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task.is_regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
@@ -219,13 +238,15 @@ class TaskSystem(BaseSystem):
         labels = batch["labels"]
         all_logits = self(batch)
         losses = self.eval_losses[prefix]
-        losses.update(self.loss(all_logits[-1], labels), weight=labels.shape[0])
+        final, scored = self.rows(all_logits[-1], batch), self.rows(labels, batch)
+        losses.update(self.loss(final, scored), weight=scored.shape[0])
         self.log(f"{prefix}/loss", losses, add_dataloader_idx=False)
         keys = list(range(len(all_logits))) + (["final"] if len(all_logits) > 1 else [])
         for key in keys:
             logits = all_logits[-1] if key == "final" else all_logits[key]
             collection = self.metrics[self._metric_key(prefix, key)]
-            collection.update(predictions(logits, self.task), labels)
+            collection.update(predictions(logits, self.task, labels), labels, sentence=batch.get("sentence"),
+                              window=batch.get("window"))
             self.log_dict(collection, batch_size=labels.shape[0], add_dataloader_idx=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

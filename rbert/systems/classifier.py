@@ -1,4 +1,4 @@
-"""``model=bert``: plain fine-tuning of a BERT sequence classifier (one exit)."""
+"""``model=bert``: plain fine-tuning of a BERT sequence (or, for a tagging task, token) classifier: one exit."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ class SequenceClassifier(TaskSystem):
         return [self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))]
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, labels = self(batch)[-1], batch["labels"]
+        (logits,), labels = self.scored(batch)
         if self.teacher is None:
             return self.loss(logits, labels), {}
-        distill = kd_term(logits, self.teacher.logits(batch), self.temperature, self.kd_reduction,
+        distill = kd_term(logits, self.rows(self.teacher.logits(batch), batch), self.temperature, self.kd_reduction,
                           self.task.is_regression)
         return (1 - self.gamma) * self.loss(logits, labels) + self.gamma * distill, {"loss_kd": distill.detach()}

@@ -41,7 +41,7 @@ class PABEE(MultiExitSystem):
     """One stage; loss = sum_i i * L_i / sum_i i over exits at layers i (CE, or MSE for regression)."""
 
     def training_loss(self, batch):
-        logits, labels = self(batch), batch["labels"]
+        logits, labels = self.scored(batch)
         weights = torch.tensor(self.exit_layers, dtype=torch.float32, device=labels.device)
         losses = torch.stack([self.loss(z, labels) for z in logits])
         return (weights * losses).sum() / weights.sum(), {}
@@ -83,7 +83,7 @@ class DeeBERT(MultiExitSystem):
         return list(self.exit_layers) if self.stage >= 1 else self.exit_layers[-1:]
 
     def training_loss(self, batch):
-        logits, labels = self(batch), batch["labels"]
+        logits, labels = self.scored(batch)
         if self.stage == 0:
             return self.loss(logits[-1], labels), {}
         return torch.stack([self.loss(z, labels) for z in logits[:-1]]).sum(), {}
@@ -147,9 +147,9 @@ class RomeBERT(MultiExitSystem):
 
     def loss_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(final-exit term, sum of internal-exit terms)."""
-        logits, labels = self(batch), batch["labels"]
+        logits, labels = self.scored(batch)
         if self.teacher is not None:
-            teacher = self.teacher.logits(batch)
+            teacher = self.rows(self.teacher.logits(batch), batch)
             final = self.exit_term(logits[-1], teacher, labels)
         else:
             teacher = logits[-1].detach()
