@@ -75,7 +75,8 @@ class EntityF1(Metric):
         if self.entity_type is None:
             return torch.tensor(float(f1_score(target, preds, zero_division=0)))
         report = classification_report(target, preds, output_dict=True, zero_division=0)
-        return torch.tensor(float(report.get(self.entity_type, {}).get("f1-score", 0.0)))
+        # A type neither in the gold tags nor predicted has no F1 (seqeval leaves it out): NaN, not 0.
+        return torch.tensor(float(report.get(self.entity_type, {}).get("f1-score", float("nan"))))
 
 
 def tagging_metrics(task, per_type: bool, sync: bool) -> dict[str, Metric]:

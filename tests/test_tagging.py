@@ -310,3 +310,61 @@ def test_ner_reports_entity_f1_per_type_and_static_depth_works(tag_dir, tmp_path
     results = json.loads((tmp_path / "results.json").read_text())["test"]
     assert {"test/f1", "test/accuracy", "test/f1_person", "test/f1_location"} <= set(results)
     assert results["test/f1"] > 0.3, results
+
+
+# ---------------------------------------------------------------------------- SENTEE
+def token_batch(seed: int = 0, batch: int = 6, width: int = 14):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, width + 1, (batch,), generator=gen)
+    lengths[0] = width
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1000, 2000, (batch, width), generator=gen) * mask
+    words = (torch.rand(batch, width, generator=gen) < 0.7) & mask.bool()
+    words[:, 0] = False  # [CLS]
+    return ids, mask, words
+
+
+def spread_token_exits(seed: int = 0) -> MultiExitTokenBert:
+    """A tiny multi-exit tagger whose exits are sharp enough that sentences leave at several layers."""
+    torch.manual_seed(seed)
+    net = MultiExitTokenBert(load_encoder("tiny"), num_labels=5).eval()
+    with torch.no_grad():
+        for i, head in enumerate(net.exits):
+            head.classifier.weight.mul_(4.0 * (i + 1))
+    return net
+
+
+@pytest.mark.parametrize("policy_name", ["entropy", "confidence", "patience"])
+def test_sentee_engine_matches_simulation_and_single_sentences(policy_name):
+    from rbert.inference.engine import EarlyExit, simulate
+    from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit
+
+    net = spread_token_exits()
+    if policy_name == "patience":  # exits that mostly agree: some sentences keep their tags
+        with torch.no_grad():
+            for head in net.exits:
+                head.classifier.weight.mul_(0.05 / head.classifier.weight.abs().mean())
+                head.classifier.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+    ids, mask, words = token_batch()
+    with torch.no_grad():
+        every = net(ids, mask)
+    # A threshold at the median of the sentences' scores at exit 2, so that some leave early.
+    rows, cols = np.nonzero(words.numpy())
+    from rbert.inference.policies import entropy
+    ent = entropy(every[1].numpy()[rows, cols]) / np.log(5)
+    worst = np.zeros(len(ids))
+    np.maximum.at(worst, rows, ent)
+    policy = {"entropy": EntropyExit(float(np.median(worst)) + 1e-6),
+              "confidence": ConfidenceExit(0.5), "patience": PatienceExit(1)}[policy_name]
+    expected = simulate(policy, every, net.exit_layers, words)
+    engine = EarlyExit(net, policy)
+    got = engine(ids, mask, words=words)
+    assert torch.equal(got.exit_layer, expected.exit_layer)
+    assert len(set(got.exit_layer.tolist())) > 1 or policy_name == "confidence"
+    keep = mask.bool()
+    assert (got.logits[keep] - expected.logits[keep]).abs().max() < 1e-4
+    for i in range(len(ids)):  # each sentence alone, its padding cut
+        n = int(mask[i].sum())
+        alone = engine(ids[i:i + 1, :n], mask[i:i + 1, :n], words=words[i:i + 1, :n])
+        assert alone.exit_layer.item() == got.exit_layer[i].item()
+        assert (alone.logits[0] - got.logits[i, :n]).abs().max() < 1e-4

@@ -8,6 +8,7 @@ from rbert.build import load_system
 from rbert.errors import ConfigError
 from rbert.inference.policies import ExitPolicy
 from rbert.models.multi_exit import MultiExitBert
+from rbert.models.token_heads import MultiExitTokenBert
 from rbert.systems.base import TaskSystem
 
 
@@ -25,8 +26,9 @@ def load_task_system(ckpt_path: str) -> tuple[TaskSystem, DictConfig, list[int]]
     return system, train_cfg, trained
 
 
-def multi_exit_net(system: TaskSystem, policy: ExitPolicy, trained: list[int]) -> MultiExitBert | None:
+def multi_exit_net(system: TaskSystem, policy: ExitPolicy, trained: list[int]
+                   ) -> MultiExitBert | MultiExitTokenBert | None:
     net = getattr(system, "net", None)
     policy.check(system.task.num_labels, len(trained))
-    return net if isinstance(net, MultiExitBert) else None
+    return net if isinstance(net, (MultiExitBert, MultiExitTokenBert)) else None
 

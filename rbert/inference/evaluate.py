@@ -28,7 +28,7 @@ from rbert.inference.engine import EarlyExit, simulate
 from rbert.inference.plot import plot_curves
 from rbert.inference.policies import BudgetExit, NoExit
 from rbert.inference.prepare import dev_loader, prepare
-from rbert.inference.sweep import at_chance, exit_logits, only, sweep, task_metric
+from rbert.inference.sweep import at_chance, exit_logits, only, sweep, task_metric, words_of
 from rbert.inference.timing import measure, timing_inputs
 from rbert.progress import track
 from rbert.report import atomic_write_text, format_table, write_json
@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     full_1 = full_b = float("inf")
     for row in track(rows, desc=f"timing {len(rows)} sweep points"):
         p = base if row["threshold"] is None else base.with_threshold(row["threshold"])
-        timed_layers = simulate(p, logits, layers).exit_layer[inputs.indices].float()
+        timed_layers = simulate(p, logits, layers, words_of(labels)).exit_layer[inputs.indices].float()
         row["layer_speedup_bs1_samples"] = layers[-1] / timed_layers.mean().item()
         measured = measure(net, p, layers, inputs, device, autocast, cfg.eval.timing_repeats, full,
                            reference and reference[0])
@@ -109,8 +109,8 @@ def run(cfg: DictConfig) -> dict:
     log_curve(loggers, "eval/sweep", rows, "layer_speedup", task.monitor, f"{label}: {task.name} dev")
     configured = policy.choose(rows, as_policy=True) if isinstance(policy, BudgetExit) and summary["budget"]["met"] \
         else base
-    log_histogram(loggers, "eval/exit_layer", simulate(configured, logits, layers).exit_layer.tolist(),
-                  {"policy": configured.describe()})
+    exit_layer = simulate(configured, logits, layers, words_of(labels)).exit_layer
+    log_histogram(loggers, "eval/exit_layer", exit_layer.tolist(), {"policy": configured.describe()})
     log.info("evaluation written to %s", out)
     return summary
 

@@ -94,6 +94,19 @@ class ExitPolicy:
         leave, state = self.decide(np.array([logits]), layer, state)
         return bool(leave[0]), state
 
+    def decide_words(self, logits: np.ndarray, words: np.ndarray, layer: int, state) -> tuple[np.ndarray, object]:
+        """Sentence-level early exit for tagging (SENTEE): (batch,) leave flags from one exit's
+        token logits ``(batch, tokens, tags)``; ``words`` ``(batch, tokens)`` marks the words
+        (their first pieces). A sentence leaves when the rule trusts *every* one of its words:
+        for entropy, its largest word entropy is under the threshold; for confidence, its least
+        confident word reaches it. Stateless rules only; :class:`PatienceExit` has its own.
+        """
+        rows, cols = np.nonzero(words)
+        trusted, _ = self.decide(logits[rows, cols], layer, None)
+        leave = np.ones(words.shape[0], dtype=bool)
+        np.logical_and.at(leave, rows, trusted)
+        return leave, state
+
     def with_threshold(self, value: float) -> ExitPolicy:
         """The same policy with another threshold (for sweeps)."""
         raise ConfigError(f"exit_policy={self.name} has no threshold to sweep")
@@ -249,6 +262,19 @@ class PatienceExit(ExitPolicy):
 
     def start_one(self):
         return math.nan, 0
+
+    def decide_words(self, logits, words, layer, state):
+        """SENTEE: a sentence's whole tag sequence unchanged for ``patience`` exits in a row. The
+        state's first array holds each sentence's previous tags (-1 off the words); the engine
+        may cut trailing padding between exits, which only ever holds no words."""
+        previous, count = state
+        prediction = np.where(words, logits.argmax(axis=-1), -1)
+        if previous.ndim == 1:  # no exit seen yet
+            same = np.zeros(len(prediction), dtype=bool)
+        else:
+            same = (previous[:, :prediction.shape[1]] == prediction).all(axis=1)
+        count = np.where(same, count + 1, 0)
+        return count >= self.patience, (prediction, count)
 
     def decide_one(self, logits, layer, state):
         previous, count = state

@@ -11,9 +11,10 @@ from rbert.errors import ConfigError
 from rbert.inference.engine import simulate
 from rbert.inference.policies import BudgetExit
 from rbert.inference.prepare import placement
-from rbert.inference.sweep import at_chance, exit_logits, only, sweep
+from rbert.inference.sweep import at_chance, exit_logits, only, sweep, words_of
 from rbert.inference.timing import measure, timing_inputs
 from rbert.models.multi_exit import MultiExitBert
+from rbert.models.token_heads import MultiExitTokenBert
 from rbert.report import format_table
 from rbert.systems.base import TaskSystem
 from rbert.tracking import log_histogram
@@ -38,7 +39,7 @@ def after_training(cfg: DictConfig, system: TaskSystem, datamodule, loggers: lis
     budget = policy if isinstance(policy, BudgetExit) else None
     if budget is None and policy.sweep is not None:
         budget = BudgetExit(policy, max_drop=cfg.eval.max_drop)
-    if not isinstance(net, MultiExitBert) or len(trained) < 2 or budget is None:
+    if not isinstance(net, (MultiExitBert, MultiExitTokenBert)) or len(trained) < 2 or budget is None:
         return None
     try:
         budget.check(task.num_labels, len(trained))
@@ -62,7 +63,7 @@ def after_training(cfg: DictConfig, system: TaskSystem, datamodule, loggers: lis
     inputs = timing_inputs(datamodule.eval_loader(0, cfg.eval.batch_size), device, cfg.eval.timing_samples,
                            cfg.eval.timing_batches)
     measured = measure(net, chosen_policy, trained, inputs, device, autocast, cfg.eval.timing_repeats)
-    exit_layer = simulate(chosen_policy, logits, trained).exit_layer
+    exit_layer = simulate(chosen_policy, logits, trained, words_of(labels)).exit_layer
     summary = {"policy": chosen_policy.describe(), "target": chosen["target"], "met": chosen["met"],
                "chosen_on": "selection split" if getattr(datamodule, "select_rows", None) else "dev set",
                "metric": task.monitor, "final": row[task.monitor] + row["drop"] / 100,

@@ -13,6 +13,7 @@ import torch
 
 from rbert.inference.engine import EarlyExit
 from rbert.inference.policies import ExitPolicy, NoExit
+from rbert.inference.words import IGNORE
 from rbert.models.multi_exit import MultiExitBert
 
 
@@ -46,7 +47,12 @@ def time_runs(engines: dict[str, EarlyExit], batches: list[dict], device, autoca
               repeats: int = 3) -> dict[str, float]:
     """Seconds each engine takes to answer ``batches`` (see :func:`time_in_turns`)."""
     def call(engine):
-        return lambda i: engine(batches[i]["input_ids"], batches[i]["attention_mask"], batches[i]["token_type_ids"])
+        def run(i):
+            b = batches[i]
+            if isinstance(engine, EarlyExit) and engine.tokens:  # a tagger's policy looks at the words
+                return engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), words=b["labels"] != IGNORE)
+            return engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        return run
 
     with torch.inference_mode(), autocast():
         return time_in_turns({name: call(e) for name, e in engines.items()}, len(batches), repeats,
