@@ -107,6 +107,14 @@ PLANS = {
                   "deebert-3ep": [*MULTI_EXIT["deebert"], "model.stage_epochs=[3,3]"],
                   **{k: STATIC[k] for k in ("static-3", "static-4", "static-2")},
                   "romebert": MULTI_EXIT["romebert"], "pabee": MULTI_EXIT["pabee"]}),
+    # Sequence labelling (sentence-level early exit, SENTEE): every training sentence but those
+    # held out, the issue's epochs; the same configurations, token heads picked by the task.
+    "pos_ewt": Plan(["task=pos_ewt", "data_dir=../shared/data/tagging", "data.select_rows=1000",
+                     "trainer.max_epochs=3", "eval.after_train=false", "logger=csv"],
+                    {"plain": PLAIN, **STATIC, **MULTI_EXIT}),
+    "ner_wnut17": Plan(["task=ner_wnut17", "data_dir=../shared/data/tagging", "data.select_rows=400",
+                        "trainer.max_epochs=5", "eval.after_train=false", "logger=csv"],
+                       {"plain": PLAIN, **STATIC, **MULTI_EXIT}),
 }
 
 
@@ -135,12 +143,20 @@ def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int
     from rbert.inference.checkpoint import load_task_system
     from rbert.inference.engine import EarlyExit, simulate
     from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit
-    from rbert.inference.sweep import exit_logits, task_metric
+    from rbert.inference.sweep import exit_logits, task_metric, words_of
     from rbert.inference.timing import time_in_turns, timing_inputs
-    from rbert.models import BertForSequenceClassification, MultiExitBert, load_encoder
+    from rbert.inference.words import IGNORE
+    from rbert.models import (
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        MultiExitBert,
+        MultiExitTokenBert,
+        load_encoder,
+    )
 
     system, train_cfg, trained = load_task_system(str(ckpt))
     task, device, metric = system.task, torch.device("cpu"), system.task.monitor
+    tagging = task.kind == "tagging"
     datamodule = build_datamodule(train_cfg, task, backbone=train_cfg.backbone)
     sets = {}
     for name, loader in (("select", datamodule.selection_loader()), ("dev", datamodule.eval_loader(0))):
@@ -148,27 +164,35 @@ def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int
         sets[name] = ([logits[system.exit_layers.index(layer)] for layer in trained], labels)
     result = {"exit_layers": trained, "metric": metric,
               "per_exit": {name: [task_metric(task, z, y)[metric] for z in zs] for name, (zs, y) in sets.items()},
-              "majority": {name: majority(y.numpy(), task.num_labels) for name, (_, y) in sets.items()},
+              "majority": {name: majority(gold_of(y), task.num_labels) for name, (_, y) in sets.items()},
               "train_seconds": float(torch.load(ckpt, map_location="cpu", weights_only=True)
                                      .get("rbert_train_seconds", float("nan")))}
 
     # The reference: the plain architecture at full depth (its speed does not depend on its weights).
-    reference = BertForSequenceClassification(load_encoder(train_cfg.backbone, pretrained=False), task.num_labels,
-                                              pooling=train_cfg.model.net.get("pooling", "mean")).eval()
+    encoder = load_encoder(train_cfg.backbone, pretrained=False)
+    if tagging:
+        reference = BertForTokenClassification(encoder, task.num_labels).eval()
+    else:
+        reference = BertForSequenceClassification(encoder, task.num_labels,
+                                                  pooling=train_cfg.model.net.get("pooling", "mean")).eval()
     inputs = timing_inputs(datamodule.eval_loader(0, 32), device, samples, batches)
 
     def forward(model):
+        if isinstance(model, EarlyExit) and model.tokens:  # SENTEE decides on the words' first pieces
+            return lambda x: model(x["input_ids"], x["attention_mask"], x.get("token_type_ids"),
+                                   words=x["labels"] != IGNORE)
         return lambda x: model(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))
 
     calls, points, net = {"reference": forward(reference)}, [], system.net
-    if isinstance(net, MultiExitBert) and len(trained) > 1:
+    answered = []  # the dev logits each point answers with (tagging keeps their per-sentence counts)
+    if isinstance(net, (MultiExitBert, MultiExitTokenBert)) and len(trained) > 1:
         (select_logits, select_labels), (dev_logits, dev_labels) = sets["select"], sets["dev"]
         floor = result["per_exit"]["select"][-1] if floor is None else floor
         makers = {"entropy": EntropyExit, "confidence": ConfidenceExit, "patience": PatienceExit}
         for pname, grid in POLICIES.items():
             rows = []
             for value in grid:
-                sel = simulate(makers[pname](value), select_logits, trained)
+                sel = simulate(makers[pname](value), select_logits, trained, words_of(select_labels))
                 rows.append({"threshold": value, "select_metric": task_metric(task, sel.logits, select_labels)[metric],
                              "select_layer_speedup": trained[-1] / sel.exit_layer.float().mean().item()})
             chosen: dict[float, list[str]] = {}
@@ -181,7 +205,8 @@ def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int
                 chosen.setdefault(best["threshold"], []).append("budget")
             for row in (r for r in rows if r["threshold"] in chosen):
                 policy = makers[pname](row["threshold"])
-                dev = simulate(policy, dev_logits, trained)
+                dev = simulate(policy, dev_logits, trained, words_of(dev_labels))
+                answered.append(dev.logits)
                 name = f"{pname}={row['threshold']}"
                 calls[name] = forward(EarlyExit(net, policy, trained))
                 points.append({"policy": pname, "call": name, "targets": chosen[row["threshold"]], **row,
@@ -189,6 +214,7 @@ def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int
                                "dev_layer_speedup": trained[-1] / dev.exit_layer.float().mean().item()})
     else:  # a single-exit model: the model itself is the point
         calls["model"] = forward(net)
+        answered.append(sets["dev"][0][-1])
         full_depth = reference.bert.num_layers
         points.append({"policy": "none", "call": "model", "threshold": None, "targets": ["model"],
                        "select_metric": result["per_exit"]["select"][-1], "dev_metric": result["per_exit"]["dev"][-1],
@@ -206,9 +232,45 @@ def _evaluate_job(ckpt: Path, floor: float | None, max_drop: float, samples: int
     result.update(points=points, reference_seconds={"bs1": one["reference"], "batched": many["reference"]},
                   timing=f"bs=1 on {len(inputs.single)} dev sentences, batched on {len(inputs.batched)} dev "
                          f"batches of 32, each item's best of {repeats}, in turns with the plain full-depth model")
+    if tagging:
+        # Token logits of every exit would be megabytes per job: the record keeps, per timed point,
+        # each dev sentence's counts (correct words and words; or entities right, predicted, gold),
+        # all that the report's metric and its bootstrap over sentences need.
+        arrays = {f"dev_stats_{i}": sentence_stats(task, z, sets["dev"][1]) for i, z in enumerate(answered)}
+        for i, point in enumerate(points):
+            point["stats"] = f"dev_stats_{i}"
+        return result, arrays
     arrays = {f"{name}_logits": torch.stack(zs).numpy() for name, (zs, _) in sets.items()}
     arrays |= {f"{name}_labels": y.numpy() for name, (_, y) in sets.items()}
     return result, arrays
+
+
+def gold_of(labels) -> np.ndarray:
+    """The gold classes (a tagging set's: of its scored words)."""
+    from rbert.inference.sweep import TagTargets
+
+    if isinstance(labels, TagTargets):
+        return labels.labels[labels.words].numpy()
+    return labels.numpy()
+
+
+def sentence_stats(task, logits, targets) -> np.ndarray:
+    """Per dev sentence, the counts its metric sums: ``(correct words, words)`` for accuracy, or
+    ``(entities right, predicted, gold)`` for entity F1 (seqeval's entities, CoNLL mode)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from rbert.metrics import EntityF1, predictions
+
+    collect = EntityF1(task, sync_on_compute=False)
+    collect.update(predictions(logits, task, targets.labels), targets.labels, targets.sentence, targets.window)
+    preds, gold = collect.sequences()
+    if task.monitor == "accuracy":
+        return np.array([[sum(p == g for p, g in zip(ps, gs)), len(gs)] for ps, gs in zip(preds, gold)])
+    rows = []
+    for ps, gs in zip(preds, gold):
+        p, g = set(get_entities(ps)), set(get_entities(gs))
+        rows.append([len(p & g), len(p), len(g)])
+    return np.array(rows)
 
 
 def majority(labels: np.ndarray, num_labels: int) -> float | None:

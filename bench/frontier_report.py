@@ -32,8 +32,17 @@ MODES = ("bs1", "batched")
 
 
 # ---------------------------------------------------------------------------- metrics on arrays
-def metric_value(name: str, logits: np.ndarray, labels: np.ndarray) -> float:
-    """The task metric on NumPy arrays (the bootstrap recomputes it thousands of times)."""
+def metric_value(name: str, logits: np.ndarray, labels: np.ndarray | None) -> float:
+    """The task metric on NumPy arrays (the bootstrap recomputes it thousands of times).
+
+    ``labels`` None: ``logits`` are a tagging set's per-sentence counts (``bench/frontier.py``'s
+    ``sentence_stats``): (correct words, words), or (entities right, predicted, gold).
+    """
+    if labels is None:
+        totals = logits.sum(axis=0)
+        if name == "accuracy":
+            return float(totals[0] / max(totals[1], 1))
+        return float(2 * totals[0] / max(totals[1] + totals[2], 1))
     if name in ("pearson", "spearman"):
         pred = logits[..., 0]
         if name == "spearman":
@@ -76,6 +85,8 @@ def answers(entry: dict, point: dict, split: str = "dev") -> tuple[np.ndarray, n
     from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit
 
     arrays = np.load(RECORDS / Path(*Path(entry["arrays"]).parts[-2:]))  # <plan>/<key>.npz beside the record
+    if "stats" in point:  # tagging: the point's per-sentence counts (labels None: see metric_value)
+        return arrays[point["stats"]], None
     logits, labels = arrays[f"{split}_logits"], arrays[f"{split}_labels"]
     if point["policy"] == "none":
         return logits[-1], labels
@@ -89,12 +100,12 @@ def paired_bootstrap(metric: str, pairs: list[tuple[np.ndarray, np.ndarray, np.n
     """95% interval of metric(a) - metric(b) over dev resamples; ``pairs``: (a logits, b logits, labels)
     per seed, resampled with the same sample indices (the samples are the same dev rows)."""
     rng = np.random.default_rng(seed)
-    n = len(pairs[0][2])
+    n = len(pairs[0][0])
     diffs = []
     for _ in range(BOOTSTRAP):
         idx = rng.integers(0, n, n)
-        diffs.append(np.mean([metric_value(metric, a[idx], y[idx]) - metric_value(metric, b[idx], y[idx])
-                              for a, b, y in pairs]))
+        diffs.append(np.mean([metric_value(metric, a[idx], None if y is None else y[idx])
+                              - metric_value(metric, b[idx], None if y is None else y[idx]) for a, b, y in pairs]))
     observed = np.mean([metric_value(metric, a, y) - metric_value(metric, b, y) for a, b, y in pairs])
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return {"diff": 100 * float(observed), "low": 100 * float(lo), "high": 100 * float(hi)}

@@ -368,3 +368,38 @@ def test_sentee_engine_matches_simulation_and_single_sentences(policy_name):
         alone = engine(ids[i:i + 1, :n], mask[i:i + 1, :n], words=words[i:i + 1, :n])
         assert alone.exit_layer.item() == got.exit_layer[i].item()
         assert (alone.logits[0] - got.logits[i, :n]).abs().max() < 1e-4
+
+
+def test_frontier_evaluates_a_tagger_and_reports_the_plane(tag_dir, tmp_path, monkeypatch):
+    """SENTEE on the frontier bench: per-exit metrics, timed points with the token reference,
+    per-sentence counts that give back the dev metric, and the report's bootstrap on them."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import bench.frontier as frontier
+    from bench import frontier_report
+
+    common = ["task=ner_wnut17", f"data_dir={tag_dir}", "trainer.max_epochs=3", "model.optimizer.lr=3e-3",
+              "eval.after_train=false", "data.batch_size=8", "data.select_rows=12", "logger=none"]
+    runs = {"plain": ["model=bert"], "static-2": ["model=bert", "model.net.bert.num_layers=2"],
+            "romebert": ["model=romebert"]}
+    monkeypatch.setattr(frontier_report, "RECORDS", tmp_path)
+    monkeypatch.setattr(frontier_report, "BOOTSTRAP", 50)
+    entries = []
+    for name, overrides in runs.items():
+        run_cli(tmp_path / name, *overrides, *common)
+        floor = entries[0]["per_exit"]["select"][-1] if entries else None
+        result, arrays = frontier.evaluate_job(tmp_path / name / "checkpoints" / "best.ckpt", floor, 1.0,
+                                               samples=4, batches=1, repeats=1)
+        (tmp_path / "test").mkdir(exist_ok=True)
+        np.savez(tmp_path / "test" / f"{name}.npz", **arrays)
+        entries.append({"key": name, "name": name, "seed": 42, "arrays": f"test/{name}.npz", **result})
+        assert result["metric"] == "f1" and len(result["per_exit"]["dev"]) == len(result["exit_layers"])
+        for point in result["points"]:
+            stats = arrays[point["stats"]]
+            assert stats.shape == (16, 3)  # dev sentences x (right, predicted, gold)
+            assert frontier_report.metric_value("f1", stats, None) == pytest.approx(point["dev_metric"])
+            assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0
+    assert {p["policy"] for p in entries[2]["points"]} == {"entropy", "confidence", "patience"}
+    out = frontier_report.report("test", entries, frontier.Plan([], runs), tmp_path / "plane.png")
+    assert (tmp_path / "plane.png").is_file() and out["gains"]
