@@ -403,3 +403,26 @@ def test_frontier_evaluates_a_tagger_and_reports_the_plane(tag_dir, tmp_path, mo
     assert {p["policy"] for p in entries[2]["points"]} == {"entropy", "confidence", "patience"}
     out = frontier_report.report("test", entries, frontier.Plan([], runs), tmp_path / "plane.png")
     assert (tmp_path / "plane.png").is_file() and out["gains"]
+
+
+def test_parity_anchor_trains_transformers_on_the_same_rows_and_reports(tag_dir, tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import bench.tagging_anchor as anchor
+    from bench.frontier import Plan
+    from bench.runs import RunRecord
+
+    monkeypatch.setitem(anchor.PLANS, "pos_ewt", Plan(
+        ["task=pos_ewt", f"data_dir={tag_dir}", "data.select_rows=8", "trainer.max_epochs=2", "backbone=tiny",
+         "model.optimizer.lr=3e-3", "data.batch_size=8"], {}))
+    monkeypatch.setattr(anchor, "RECORDS", tmp_path)
+    monkeypatch.setattr(anchor, "RESULTS", tmp_path)
+    monkeypatch.setattr(anchor, "SUMMARIES", tmp_path)
+    anchor.run(type("Args", (), {"plan": "pos_ewt", "seeds": [42]}))
+    (entry,) = RunRecord(tmp_path / "tagging_anchor_pos_ewt.jsonl").entries()
+    assert entry["best_epoch"] in (1, 2) and entry["dev"]["accuracy"] > 0.5 and len(entry["select_by_epoch"]) == 2
+    RunRecord(tmp_path / "pos_ewt.jsonl").add({"key": "plain-s42", "name": "plain", "seed": 42, "metric": "accuracy",
+                                               "per_exit": {"dev": [0.9]}, "train_seconds": 60.0})
+    summary = anchor.report(type("Args", (), {"plan": "pos_ewt"}))
+    assert summary["mean_diff"] == pytest.approx(90.0 - 100 * entry["dev"]["accuracy"])
