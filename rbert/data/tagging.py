@@ -24,7 +24,7 @@ from rbert.data.glue import GlueDataModule
 from rbert.data.tagging_files import Sentence, check_bio, read_sentences
 from rbert.data.tasks import TaggingTask
 from rbert.errors import ConfigError
-from rbert.inference.words import IGNORE, word_windows
+from rbert.inference.words import IGNORE, tag_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +47,29 @@ def special_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 def encode_sentences(tokenizer, sentences: list[Sentence], tag_ids: dict[str, int] | None, max_length: int
                      ) -> tuple[dict[str, list], int]:
-    """Rows (one per window) of model inputs, first-piece labels and sentence numbers, and how many
-    sentences needed more than one window."""
+    """Rows (one per window) of model inputs, first-piece labels and sentence and window numbers,
+    and how many sentences needed more than one window."""
     before, after = special_ids(tokenizer)
-    budget = max_length - len(before) - len(after)
     pieces = tokenizer([s.words for s in sentences], is_split_into_words=True, add_special_tokens=False)
-    rows = {"input_ids": [], "attention_mask": [], "labels": [], "sentence": [], "window": []}
-    windowed = 0
+    per_sentence = []
     for number, sentence in enumerate(sentences):
         per_word: list[list[int]] = [[] for _ in sentence.words]
         for piece, word in zip(pieces["input_ids"][number], pieces.word_ids(number)):
             per_word[word].append(piece)
-        windows = word_windows(per_word, budget, tokenizer.unk_token_id)
-        windowed += len(windows) > 1
-        for k, window in enumerate(windows):
-            ids = before + window.pieces + after
-            labels = [IGNORE] * len(ids)
-            for offset, (first, owned) in enumerate(zip(window.first, window.owned)):
-                if owned and tag_ids is not None:
-                    labels[len(before) + first] = tag_ids[sentence.tags[window.start + offset]]
-            rows["input_ids"].append(ids)
-            rows["attention_mask"].append([1] * len(ids))
-            rows["labels"].append(labels)
-            rows["sentence"].append(number)
-            rows["window"].append(k)
-    return rows, windowed
+        per_sentence.append(per_word)
+    rows, windowed = tag_rows(per_sentence, max_length, before, after, tokenizer.unk_token_id)
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "sentence": [], "window": []}
+    for row in rows:
+        labels = [IGNORE] * len(row.ids)
+        if tag_ids is not None:
+            for position, word in zip(row.positions, row.words):
+                labels[position] = tag_ids[sentences[row.sentence].tags[word]]
+        out["input_ids"].append(row.ids)
+        out["attention_mask"].append([1] * len(row.ids))
+        out["labels"].append(labels)
+        out["sentence"].append(row.sentence)
+        out["window"].append(row.window)
+    return out, windowed
 
 
 class TagCollator:

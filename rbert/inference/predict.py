@@ -39,6 +39,10 @@ def run(cfg: DictConfig) -> Path:
     if not cfg.get("ckpt_path") or not cfg.predict.get("input"):
         raise ConfigError("mode=predict needs ckpt_path=... and predict.input=<file of texts>")
     setup = prepare(cfg)
+    if setup.system.task.kind == "tagging":
+        from rbert.inference.predict_tags import run as tag
+
+        return tag(cfg, setup)
     policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
                                                      setup.device, setup.autocast)
     task = system.task

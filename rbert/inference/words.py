@@ -80,6 +80,62 @@ def word_windows(word_pieces: list[list[int]], budget: int, unk_id: int) -> list
     return windows
 
 
+@dataclass
+class TagRow:
+    """One model input of a tagging request: a window of sentence ``sentence`` with its special
+    tokens (``ids``); ``positions``: where the first pieces of the words it answers for sit in
+    ``ids``; ``words``: those words' indices in the sentence."""
+
+    sentence: int
+    window: int
+    ids: list[int]
+    positions: list[int]
+    words: list[int]
+
+
+def tag_rows(sentences: list[list[list[int]]], max_length: int, before: list[int], after: list[int],
+             unk_id: int) -> tuple[list[TagRow], int]:
+    """Model inputs for sentences given as their words' piece ids: one row per window (see
+    :func:`word_windows`), and how many sentences needed more than one."""
+    budget = max_length - len(before) - len(after)
+    rows, windowed = [], 0
+    for number, word_pieces in enumerate(sentences):
+        windows = word_windows(word_pieces, budget, unk_id)
+        windowed += len(windows) > 1
+        for k, w in enumerate(windows):
+            owned = [i for i, own in enumerate(w.owned) if own]
+            rows.append(TagRow(number, k, before + w.pieces + after, [len(before) + w.first[i] for i in owned],
+                               [w.start + i for i in owned]))
+    return rows, windowed
+
+
+def pad_rows(rows: list[TagRow], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, words) int64 / bool arrays of a batch of rows, padded on the right;
+    ``words`` marks the positions of the words each row answers for."""
+    width = max(len(r.ids) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    words = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.ids)] = r.ids
+        mask[i, :len(r.ids)] = 1
+        words[i, r.positions] = True
+    return ids, mask, words
+
+
+def stitch(rows: list[TagRow], tags: np.ndarray, exit_layer: np.ndarray, lengths: list[int]
+           ) -> list[tuple[list[int], int]]:
+    """Per sentence, (tag id of every word, the deepest exit any of its windows left at), from each
+    row's ``tags`` ``(rows, tokens)`` and ``exit_layer`` ``(rows,)``."""
+    out = [([-1] * n, 0) for n in lengths]
+    for row, row_tags, layer in zip(rows, tags, exit_layer.tolist()):
+        sentence_tags, deepest = out[row.sentence]
+        for position, word in zip(row.positions, row.words):
+            sentence_tags[word] = int(row_tags[position])
+        out[row.sentence] = (sentence_tags, max(deepest, int(layer)))
+    return out
+
+
 # ---------------------------------------------------------------------------- BIO
 def entity_type(tag: str) -> str | None:
     """``B-person`` -> ``person``; ``O`` (or a tag outside the scheme) -> None."""
