@@ -63,29 +63,35 @@ def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig
     from rbert.inference.prepare import prepare, resolve_budget
     from rbert.models.classifier import BertForSequenceClassification
     from rbert.models.multi_exit import MultiExitBert
+    from rbert.models.token_heads import BertForTokenClassification, MultiExitTokenBert
 
     quantize = cfg.get("export_quantize")
     if quantize not in (None, "int8"):
         raise ConfigError(f"export_quantize: {quantize!r} is not one of null, int8")
     if quantize and not cfg.get("export_onnx", True):
         raise ConfigError("export_quantize=int8 quantises the ONNX graphs: it needs export_onnx=true")
+    task = system.task
+    tagging = task.kind == "tagging"
+    if quantize and tagging:
+        raise ConfigError("export_quantize=int8: sentence tasks only so far; export the tagger with fp32 graphs")
     trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
     budget = None
-    if isinstance(system.net, BertForSequenceClassification):  # one exit: nothing to choose
-        net, layers, policy, choice = MultiExitBert.from_classifier(system.net), trained[-1:], NoExit(), None
+    single = {BertForSequenceClassification: MultiExitBert, BertForTokenClassification: MultiExitTokenBert}
+    if type(system.net) in single:  # one exit: nothing to choose
+        net, layers, policy, choice = single[type(system.net)].from_classifier(system.net), trained[-1:], NoExit(), None
         datamodule = None
     else:
         setup = prepare(cfg, loaded=(system, train_cfg, trained))
         net, layers, datamodule = setup.net, setup.layers, setup.datamodule
         policy, choice = resolve_budget(setup)
         budget = setup.policy if isinstance(setup.policy, BudgetExit) else None
-    task = system.task
     labels = [] if task.is_regression else [str(label) for label in (task.labels or range(task.num_labels))]
-    spec = DeploySpec(task=task.name, text_fields=list(task.text_fields), labels=labels,
+    spec = DeploySpec(task=task.name, text_fields=["words"] if tagging else list(task.text_fields), labels=labels,
                       max_length=int(train_cfg.data.max_length), exit_layers=list(net.exit_layers),
-                      trained_exits=trained, consulted_exits=layers, style=net.style, pooling=net.pooling,
-                      policy=policy_to_dict(policy), policy_choice=choice,
-                      objective=str(train_cfg.model._target_).rsplit(".", 1)[-1])
+                      trained_exits=trained, consulted_exits=layers, style="token" if tagging else net.style,
+                      pooling="none" if tagging else net.pooling, policy=policy_to_dict(policy),
+                      policy_choice=choice, objective=str(train_cfg.model._target_).rsplit(".", 1)[-1],
+                      kind=task.kind, scheme=getattr(task, "scheme", None))
     after_onnx = None
     if quantize:
         if datamodule is None:

@@ -59,12 +59,18 @@ class DeploySpec:
     policy: dict                 # rbert.inference.policies.policy_to_dict
     objective: str = ""
     policy_choice: dict | None = None  # a budget's choice on the dev set, when there was one
+    kind: str = "sequence"       # sequence: a label per text; tagging: a tag per word (SENTEE early exit)
+    scheme: str | None = None    # tagging: "bio" (answers keep BIO sequences valid) or None
     onnx: dict = field(default_factory=dict)  # {"opset", "exporter", "segments": [Segment], "fused"?}
     format: int = FORMAT
 
     @property
     def regression(self) -> bool:
         return not self.labels
+
+    @property
+    def tagging(self) -> bool:
+        return self.kind == "tagging"
 
     @property
     def num_labels(self) -> int:
@@ -118,7 +124,11 @@ def read_spec(folder: str | os.PathLike) -> DeploySpec:
         consulted_exits=layers("consulted_exits"),
         style=get("style", str), pooling=get("pooling", str),
         policy=get("policy", dict, lambda v: isinstance(v.get("name"), str), "a policy with a name"),
-        policy_choice=data.get("policy_choice"), onnx=get("onnx", dict, what="a dict (may be empty)"))
+        policy_choice=data.get("policy_choice"), onnx=get("onnx", dict, what="a dict (may be empty)"),
+        kind=data.get("kind", "sequence"), scheme=data.get("scheme"))
+    if spec.kind not in ("sequence", "tagging") or spec.scheme not in (None, "bio"):
+        raise FolderError(f"{path}: {SECTION}.kind / scheme = {spec.kind!r} / {spec.scheme!r}: expected sequence "
+                          "or tagging, and null or bio")
     if not set(spec.consulted_exits) <= set(spec.exit_layers):
         raise FolderError(f"{path}: {SECTION}.consulted_exits {spec.consulted_exits} are not all among "
                           f"exit_layers {spec.exit_layers}")

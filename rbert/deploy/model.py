@@ -28,9 +28,11 @@ from rbert.inference.engine import EarlyExit
 from rbert.inference.policies import ExitPolicy
 from rbert.models.encoder import write_hf_folder
 from rbert.models.multi_exit import MultiExitBert
+from rbert.models.token_heads import MultiExitTokenBert
 from rbert.report import write_json
 
 ARCHITECTURE = "RbertEarlyExitForSequenceClassification"
+TAGGER = "RbertEarlyExitForTokenClassification"  # no transformers face yet: rbert's runtimes only
 MODEL_TYPE = "rbert_early_exit"
 
 
@@ -46,12 +48,14 @@ def save(out: str | os.PathLike, net: MultiExitBert, tokenizer, spec: DeploySpec
         if onnx:
             from rbert.deploy.onnx_export import export_onnx
 
-            spec.onnx = export_onnx(net, spec.consulted_exits, folder, spec.policy)
+            # A tagger's sentence-level rule looks at every word: no composed bs=1 graph for it.
+            spec.onnx = export_onnx(net, spec.consulted_exits, folder, None if spec.tagging else spec.policy)
             if after_onnx is not None:
                 after_onnx(folder, spec)
-        write_hf_folder(folder, net.bert.config, ARCHITECTURE, dict(net.state_dict()))
+        write_hf_folder(folder, net.bert.config, TAGGER if spec.tagging else ARCHITECTURE, dict(net.state_dict()))
         write_json(folder / "config.json", folder_config(net, spec))  # the backbone's config, wrapped
-        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), folder / "modeling_rbert.py")
+        if not spec.tagging:
+            shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), folder / "modeling_rbert.py")
         tokenizer.save_pretrained(folder)
 
     return write_folder(out, fill)
@@ -70,7 +74,14 @@ def folder_config(net: MultiExitBert, spec: DeploySpec) -> dict:
     """config.json: a model type of its own with an ``auto_map`` into the folder's
     modeling_rbert.py (the Hub's convention for custom architectures, so that ``transformers``
     runs the exits with ``trust_remote_code`` and refuses the folder without it), the
-    backbone's config under ``backbone``, the labels, and the ``rbert_early_exit`` section."""
+    backbone's config under ``backbone``, the labels, and the ``rbert_early_exit`` section.
+    A tagger's folder has no ``auto_map`` (rbert's runtimes run it; ``transformers`` refuses it)."""
+    if spec.tagging:
+        config = {"model_type": MODEL_TYPE, "architectures": [TAGGER], "backbone": net.bert.config.to_dict(),
+                  SECTION: asdict(spec), "id2label": dict(enumerate(spec.labels)),
+                  "label2id": {name: i for i, name in enumerate(spec.labels)}}
+        config["id2label"] = {str(k): v for k, v in config["id2label"].items()}
+        return config
     config = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
               "auto_map": {"AutoConfig": "modeling_rbert.RbertEarlyExitConfig",
                            "AutoModel": "modeling_rbert.RbertEarlyExitBackbone",
@@ -99,8 +110,11 @@ def load_net(folder: str | os.PathLike, spec: DeploySpec) -> MultiExitBert:
     except (TypeError, ValueError) as err:
         raise FolderError(f"{folder / 'config.json'}: backbone: {str(err).splitlines()[0]}") from err
     try:
-        net = MultiExitBert(FAMILIES[config.model_type](config), spec.num_labels, spec.exit_layers, spec.style,
-                            spec.pooling)
+        encoder = FAMILIES[config.model_type](config)
+        if spec.tagging:
+            net = MultiExitTokenBert(encoder, spec.num_labels, spec.exit_layers)
+        else:
+            net = MultiExitBert(encoder, spec.num_labels, spec.exit_layers, spec.style, spec.pooling)
     except ValueError as err:
         raise FolderError(f"{folder / 'config.json'}: {err}") from err
     weights = folder / "model.safetensors"
@@ -133,9 +147,9 @@ class EarlyExitModel(Predictor):
         net = load_net(folder, spec)
         return cls(net, FolderTokenizer.from_folder(folder), spec, folder_policy(spec, policy, str(folder)), device)
 
-    def run(self, input_ids, attention_mask, token_type_ids=None):
+    def run(self, input_ids, attention_mask, token_type_ids=None, words=None):
         def tensor(a):
             return None if a is None else torch.from_numpy(a).to(self.device)
 
-        result = self.engine(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids))
+        result = self.engine(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids), tensor(words))
         return result.logits.float().cpu().numpy(), result.exit_layer.cpu().numpy().astype(np.int64)

@@ -27,6 +27,7 @@ from torch import nn
 
 from rbert.models.classifier import pool
 from rbert.models.multi_exit import MultiExitBert
+from rbert.models.token_heads import MultiExitTokenBert
 
 OPSET = 18
 EXPORTER = f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__.split('+')[0]}"
@@ -39,13 +40,16 @@ class Segment(nn.Module):
         super().__init__()
         self.bert, self.first, self.exit = net.bert, first, exit
         self.head = net.exits[net.exit_layers.index(exit)]
-        self.shared_dense = net.shared_dense
-        self.pooling = net.pooling
+        self.tokens = isinstance(net, MultiExitTokenBert)  # a tagger's exit: logits for every token
+        self.shared_dense = None if self.tokens else net.shared_dense
+        self.pooling = None if self.tokens else net.pooling
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bias = self.bert.attention_bias(attention_mask)
         for layer in islice(self.bert.layers, self.first - 1, self.exit):
             hidden = layer(hidden, bias)
+        if self.tokens:
+            return hidden, self.head(hidden)
         return hidden, self.head(pool(hidden, attention_mask, self.pooling), self.shared_dense)
 
 

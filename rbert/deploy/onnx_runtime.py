@@ -84,7 +84,7 @@ class OnnxEarlyExitModel(Predictor):
                 raise FolderError(f"{folder / s.file}: answers {width} logits; config.json has "
                                   f"{spec.num_labels} labels")
         self.fused = None  # the composed graph for batch size 1, where the policy compiles
-        if fused and len(self.segments) > 1:
+        if fused and len(self.segments) > 1 and not spec.tagging:
             stored = onnx.get("fused")
             if stored and type(policy) is POLICIES.get(policy.name) and policy_to_dict(policy) == stored["policy"]:
                 self.fused = session(stored["file"])  # the exported policy: composed at export
@@ -122,11 +122,15 @@ class OnnxEarlyExitModel(Predictor):
         return cls(folder, spec, FolderTokenizer.from_folder(folder), folder_policy(spec, policy, str(folder)),
                    providers, threads, session_config, fused)
 
-    def run(self, input_ids, attention_mask, token_type_ids=None):
+    def run(self, input_ids, attention_mask, token_type_ids=None, words=None):
         if token_type_ids is None:
             token_type_ids = np.zeros_like(input_ids)
         tokens = {"input_ids": input_ids, "token_type_ids": token_type_ids}
         feeds = {name: tokens[name] for name in self.token_inputs}
+        if self.spec.tagging:
+            if words is None:
+                raise ValueError("words: a tagger's early exit needs the mask of the words' first pieces")
+            return self._sentences(feeds, attention_mask, words.astype(bool))
         if input_ids.shape[0] == 1:
             return self._one(feeds, attention_mask)
         return self._batch(feeds, attention_mask)
@@ -145,6 +149,36 @@ class OnnxEarlyExitModel(Predictor):
             if leave:
                 break
         return logits, np.array([layer], dtype=np.int64)
+
+    def _sentences(self, feeds: dict[str, np.ndarray], mask: np.ndarray, words: np.ndarray):
+        """SENTEE, as the PyTorch engine does it: a sentence leaves whole when the policy's
+        ``decide_words`` trusts all its words; it answers with every token's logits there."""
+        batch, width = mask.shape
+        state = self.policy.start(batch)
+        rows = np.arange(batch)
+        out = exit_layer = None
+        for layer, session in self.segments:
+            hidden, logits = session.run(None, {**feeds, "attention_mask": mask})
+            feeds = {"hidden": hidden}
+            if out is None:
+                out = np.zeros((batch, width, logits.shape[-1]), dtype=np.float32)
+                exit_layer = np.zeros(batch, dtype=np.int64)
+            if layer == self.last:
+                leave = np.ones(len(rows), dtype=bool)
+            else:
+                leave, state = self.policy.decide_words(logits, words, layer, state)
+            if not leave.any():
+                continue
+            out[rows[leave], :logits.shape[1]], exit_layer[rows[leave]] = logits[leave], layer
+            if leave.all():
+                break
+            keep = ~leave
+            state = take_rows(state, keep)
+            rows, mask, words = rows[keep], mask[keep], words[keep]
+            length = int(mask.sum(axis=1).max())
+            feeds["hidden"] = np.ascontiguousarray(hidden[keep, :length])
+            mask, words = np.ascontiguousarray(mask[:, :length]), words[:, :length]
+        return out, exit_layer
 
     def _batch(self, feeds: dict[str, np.ndarray], mask: np.ndarray):
         batch = mask.shape[0]

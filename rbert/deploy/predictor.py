@@ -2,7 +2,10 @@
 
 :class:`Predictor` turns texts into the model's inputs exactly as training did (the
 folder's tokenizer, truncation at ``max_length``, right padding) and its outputs into
-answers: the label, every class's probability and the layer each text left at. The
+answers: the label, every class's probability and the layer each text left at. For a
+tagger, a text is raw text (split into words by the tokenizer's pre-tokenizer) or a list of
+words; it becomes one row per window (:mod:`rbert.inference.words`: a long sentence is cut
+into overlapping windows, never truncated), and the answer is a tag per word. The
 runtimes (:class:`~rbert.deploy.model.EarlyExitModel` in PyTorch,
 :class:`~rbert.deploy.onnx_runtime.OnnxEarlyExitModel` on onnxruntime) only provide
 :meth:`Predictor.run`.
@@ -17,6 +20,7 @@ import numpy as np
 from rbert.deploy.folder import DeploySpec, FolderError
 from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.policies import ExitPolicy, NoExit, policy_from_dict
+from rbert.inference.words import bio_transitions, decode_rows, pad_rows, stitch, tag_rows
 
 Text = str | Sequence[str]  # one text, or a pair for two-text tasks (MRPC, STS-B, MNLI, ...)
 
@@ -47,7 +51,10 @@ class Predictor:
         return self.spec.consulted_exits[-1:] if isinstance(self.policy, NoExit) else self.spec.consulted_exits
 
     def rows(self, texts: Sequence[Text]) -> list[tuple[str, ...]]:
-        """``texts`` as tuples of the task's fields; a ValueError names the first bad one."""
+        """``texts`` as tuples of the task's fields (a tagger's: of words); a ValueError names
+        the first bad one."""
+        if self.spec.tagging:
+            return [tuple(words) for words in self.sentences(texts)]
         n = len(self.spec.text_fields)
         rows = []
         for i, text in enumerate(texts):
@@ -58,6 +65,23 @@ class Predictor:
             rows.append(row)
         return rows
 
+    def sentences(self, texts: Sequence[Text]) -> list[list[str]]:
+        """A tagger's texts as words: a string is raw text, split by the tokenizer's pre-tokenizer;
+        a list is the words themselves."""
+        out = []
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                words = self.tokenizer.split(text)
+            elif isinstance(text, (list, tuple)) and all(isinstance(w, str) for w in text):
+                words = list(text)
+            else:
+                raise ValueError(f"texts[{i}]: expected a string (raw text) or a list of words, "
+                                 f"got {type(text).__name__}")
+            if not words or any(not w.strip() for w in words):
+                raise ValueError(f"texts[{i}]: {'an empty word' if words else 'no words'}")
+            out.append(words)
+        return out
+
     def lengths(self, texts: Sequence[Text]) -> list[int]:
         """Each text's length in tokens, untruncated (special tokens included)."""
         return self.tokenizer.lengths(self.rows(texts))
@@ -67,9 +91,10 @@ class Predictor:
         ``max_length``, padded on the right (the runtimes cut padding on the right)."""
         return self.tokenizer(self.rows(texts), self.spec.max_length)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-            token_type_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(logits (batch, num_labels) float32, exit layer (batch,) int64) of one batch."""
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
+            words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (batch, num_labels) float32, exit layer (batch,) int64) of one batch; a tagger's
+        logits are (batch, tokens, num_labels), and ``words`` marks the words' first pieces."""
         raise NotImplementedError
 
     def answer(self, logits: np.ndarray, exit_layer: np.ndarray) -> list[dict]:
@@ -85,11 +110,34 @@ class Predictor:
                         "exit_layer": int(layer)})
         return out
 
+    def tag(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
+        """A tagger's answers: ``{"words", "tags", "exit_layer"}`` per text (the deepest exit of
+        its windows), ``batch_size`` rows (windows) a model call."""
+        sentences = self.sentences(texts)
+        before, after = self.tokenizer.specials()
+        rows, _ = tag_rows(self.tokenizer.word_pieces(sentences), self.spec.max_length, before, after,
+                           self.tokenizer.unk_id)
+        transitions = bio_transitions(self.spec.labels) if self.spec.scheme == "bio" else None
+        width = max(len(r.ids) for r in rows)
+        tags = np.zeros((len(rows), width), dtype=np.int64)
+        exits = np.zeros(len(rows), dtype=np.int64)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask, words = pad_rows(chunk, self.tokenizer.pad_id)
+            logits, layer = self.run(ids, mask, np.zeros_like(ids), words)
+            tags[start:start + len(chunk), :ids.shape[1]] = decode_rows(logits, words, transitions)
+            exits[start:start + len(chunk)] = layer
+        return [{"words": words, "tags": [self.spec.labels[t] for t in tag_ids], "exit_layer": layer}
+                for words, (tag_ids, layer) in zip(sentences, stitch(rows, tags, exits, [len(s) for s in sentences]))]
+
     def predict(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
         """Answer every text: ``{"label", "probabilities", "exit_layer"}`` (regression:
-        ``{"score", "exit_layer"}``), in the order given, ``batch_size`` texts at a time."""
+        ``{"score", "exit_layer"}``; a tagger: ``{"words", "tags", "exit_layer"}``), in the
+        order given, ``batch_size`` texts at a time."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.spec.tagging:
+            return self.tag(texts, batch_size)
         answers = []
         for start in range(0, len(texts), batch_size):
             enc = self.encode(texts[start:start + batch_size])

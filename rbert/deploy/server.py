@@ -5,6 +5,7 @@
 
 * ``POST /predict`` ``{"texts": [text, ...]}`` (a text is a string, or a list of two for
   pair tasks) answers ``{"predictions": [{"label", "probabilities", "exit_layer"}, ...]}``;
+  a tagger's text is raw text or a list of words, answered ``{"words", "tags", "exit_layer"}``;
   ``GET /health`` says what is served.
 * **Micro-batching**: concurrent requests are queued and answered together, up to
   ``max_batch`` texts or ``max_wait_ms`` after the first one arrived, so batched early exit
@@ -189,7 +190,7 @@ def validate(body: object, model: Predictor, limits: Limits) -> list:
             [t.encode("utf-8") for t in row]
         except UnicodeEncodeError as err:  # JSON's "\ud800": a lone surrogate no tokenizer takes
             raise BadRequest(422, f"texts[{i}]: not valid Unicode ({err.reason})") from None
-    if not limits.truncate:
+    if not limits.truncate and not model.spec.tagging:  # a tagger cuts long sentences into windows
         for i, length in enumerate(model.lengths(texts)):
             if length > model.spec.max_length:
                 raise BadRequest(422, f"texts[{i}]: {length} tokens; the model reads at most "

@@ -75,6 +75,44 @@ class FolderTokenizer:
                                               pad_token=self.pad_token)
             return self.tokenizer.encode_batch(inputs)
 
+    def split(self, text: str) -> list[str]:
+        """Raw text as words, split by the tokenizer's own pre-tokenizer (whitespace without one)."""
+        pre = self.tokenizer.pre_tokenizer
+        return [w for w, _ in pre.pre_tokenize_str(text)] if pre is not None else text.split()
+
+    def word_pieces(self, sentences: list[list[str]]) -> list[list[list[int]]]:
+        """Each sentence's words as their piece ids (no special tokens, nothing cut)."""
+        with self.lock:
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
+            encodings = self.tokenizer.encode_batch(sentences, is_pretokenized=True, add_special_tokens=False)
+        out = []
+        for words, encoding in zip(sentences, encodings):
+            per_word: list[list[int]] = [[] for _ in words]
+            for piece, word in zip(encoding.ids, encoding.word_ids):
+                per_word[word].append(piece)
+            out.append(per_word)
+        return out
+
+    def specials(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after one sequence ([CLS] / [SEP])."""
+        with self.lock:
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
+            marked = self.tokenizer.encode(["x"], is_pretokenized=True, add_special_tokens=True).ids
+            plain = self.tokenizer.encode(["x"], is_pretokenized=True, add_special_tokens=False).ids
+        for i in range(len(marked) - len(plain) + 1):
+            if marked[i:i + len(plain)] == plain:
+                return marked[:i], marked[i + len(plain):]
+        raise ValueError("the tokenizer changes a word when it adds special tokens")
+
+    @property
+    def unk_id(self) -> int:
+        model = self.tokenizer.model
+        token = getattr(model, "unk_token", None)
+        found = self.tokenizer.token_to_id(token) if token else None
+        return self.pad_id if found is None else found
+
     def lengths(self, rows: list[tuple[str, ...]]) -> list[int]:
         """Each row's length in tokens, untruncated (special tokens included)."""
         return [len(e.ids) for e in self._encode(rows, None)]

@@ -1,0 +1,131 @@
+"""A tagger outside the training code: export, the PyTorch and ONNX runtimes (same tags and
+exit layers, bs=1 and batched, every family), long sentences in windows, the endpoint, and
+``mode=predict`` / ``mode=export`` from a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, save
+from rbert.deploy.folder import DeploySpec
+from rbert.deploy.server import Limits, create_app
+from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit, entropy, policy_to_dict
+from rbert.models import MultiExitTokenBert, load_encoder, load_tokenizer
+from tests.backbone_files import FAMILIES, write_family
+from tests.tagging_files import ENTITIES, FILLER, write_wnut
+from tests.test_run import run_cli
+
+TAGS = ["O", "B-location", "I-location", "B-person", "I-person"]
+SENTENCES = [["john", "smith", "went", "to", "new", "york"], ["paris", "lol"], ["i", "saw", "acme", "today"] * 3,
+             ["with", "john", "smith", "at", "paris", "today", "lol", "i", "went"], ["to"]]
+
+
+def sharpen_tokens(net: MultiExitTokenBert, ids, mask, words, target: float = 0.5) -> MultiExitTokenBert:
+    """Scale each exit so that the median over sentences of their largest word entropy is
+    ``target``: then SENTEE's thresholds split the sentences over several exits."""
+    with torch.no_grad():
+        for head, z in zip(net.exits, net(ids, mask)):
+            rows, cols = np.nonzero(words)
+            low, high = 1e-3, 1e4
+            for _ in range(60):
+                mid = (low * high) ** 0.5
+                worst = np.zeros(len(ids))
+                np.maximum.at(worst, rows, entropy((z * mid).numpy()[rows, cols]) / np.log(z.shape[-1]))
+                low, high = (mid, high) if np.median(worst) > target else (low, mid)
+            head.classifier.weight.mul_(low)
+            head.classifier.bias.mul_(low)
+    return net.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tagger_folder(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"tagger-{request.param}")
+    folder = write_family(root, request.param)
+    torch.manual_seed(0)
+    net = MultiExitTokenBert(load_encoder(str(folder)), num_labels=len(TAGS)).eval()
+    tokenizer = load_tokenizer(str(folder))
+    enc = tokenizer(SENTENCES * 4, is_split_into_words=True, padding=True, return_tensors="pt")
+    words = np.zeros(enc["input_ids"].shape, dtype=bool)
+    for i in range(len(enc["input_ids"])):
+        seen = set()
+        for j, w in enumerate(enc.word_ids(i)):
+            if w is not None and w not in seen:
+                seen.add(w)
+                words[i, j] = True
+    sharpen_tokens(net, enc["input_ids"], enc["attention_mask"], words)
+    spec = DeploySpec(task="ner", text_fields=["words"], labels=TAGS, max_length=16, exit_layers=net.exit_layers,
+                      trained_exits=net.exit_layers, consulted_exits=net.exit_layers, style="token", pooling="none",
+                      policy=policy_to_dict(EntropyExit(0.6)), kind="tagging", scheme="bio")
+    return save(root / "exported", net, tokenizer, spec)
+
+
+POLICIES = [EntropyExit(0.6), EntropyExit(0.3), ConfidenceExit(0.8), PatienceExit(1)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
+def test_onnx_and_pytorch_runtimes_answer_the_same_tags_and_exits(tagger_folder, policy):
+    texts = SENTENCES * 4 + ["John Smith went to New York, then Paris!"]
+    pt = EarlyExitModel.from_pretrained(tagger_folder, policy=policy)
+    ox = OnnxEarlyExitModel.from_pretrained(tagger_folder, policy=policy)
+    batched = pt.predict(texts, batch_size=8)
+    assert ox.predict(texts, batch_size=8) == batched
+    assert pt.predict(texts, batch_size=1) == batched == ox.predict(texts, batch_size=1)
+    for answer, text in zip(batched, texts):
+        assert len(answer["tags"]) == len(answer["words"]) and set(answer["tags"]) <= set(TAGS)
+        if isinstance(text, list):
+            assert answer["words"] == text
+        previous = "O"
+        for tag in answer["tags"]:  # BIO stays valid
+            assert not tag.startswith("I-") or previous[2:] == tag[2:]
+            previous = tag
+    if isinstance(policy, EntropyExit):  # the heads were sharpened for entropy: sentences leave early
+        assert min(a["exit_layer"] for a in batched) < pt.spec.exit_layers[-1]
+
+
+def test_long_sentences_are_windowed_not_truncated(tagger_folder):
+    long = (["john", "smith"] + FILLER) * 8  # 80 words, max_length 16
+    model = OnnxEarlyExitModel.from_pretrained(tagger_folder)
+    (answer,) = model.predict([long])
+    assert answer["words"] == long and len(answer["tags"]) == 80
+
+
+def test_endpoint_answers_words_and_text_and_refuses_bad_requests(tagger_folder):
+    app = create_app(OnnxEarlyExitModel.from_pretrained(tagger_folder), Limits(max_texts=4))
+    with TestClient(app) as client:
+        ok = client.post("/predict", json={"texts": ["John Smith went to Paris.", ["new", "york"]]})
+        assert ok.status_code == 200, ok.text
+        first, second = ok.json()["predictions"]
+        assert first["words"] == ["John", "Smith", "went", "to", "Paris", "."]  # the pre-tokenizer's split
+        assert second["words"] == ["new", "york"] and len(second["tags"]) == 2
+        for body, message in (({"texts": [["new", 3]]}, "texts[0]: expected a string"),
+                              ({"texts": [[]]}, "texts[0]: no words"), ({"texts": ["   "]}, "texts[0]: no words"),
+                              ({"texts": [["a", " "]]}, "an empty word")):
+            bad = client.post("/predict", json=body)
+            assert bad.status_code == 422 and message in bad.json()["error"], bad.text
+
+
+def test_predict_and_export_from_a_trained_tagger(tmp_path):
+    write_wnut(tmp_path)
+    run_cli(tmp_path / "run", "task=ner_wnut17", "model=romebert", f"data_dir={tmp_path}", "data.batch_size=8",
+            "trainer.max_epochs=3", "model.optimizer.lr=3e-3", "logger=none", "eval.after_train=false", "test=false")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    words = [w for words, _ in ENTITIES for w in words] * 20  # one long sentence: windows at max_length 32
+    (tmp_path / "in.jsonl").write_text(json.dumps({"tokens": words}) + "\n" + json.dumps({"tokens": ["lol"]}) + "\n")
+    run_cli(tmp_path / "predict", "mode=predict", "task=ner_wnut17", f"ckpt_path={ckpt}", f"data_dir={tmp_path}",
+            f"predict.input={tmp_path / 'in.jsonl'}", f"predict.output={tmp_path / 'out.conll'}",
+            "data.max_length=32")
+    blocks = (tmp_path / "out.conll").read_text().strip().split("\n\n")
+    assert [len(b.splitlines()) for b in blocks] == [len(words), 1]
+    assert [line.split("\t")[0] for line in blocks[0].splitlines()] == words
+    run_cli(tmp_path / "export", "mode=export", "task=ner_wnut17", f"ckpt_path={ckpt}", f"data_dir={tmp_path}",
+            f"export_dir={tmp_path / 'exported'}", "exit_policy=patience")
+    pt, ox = EarlyExitModel.from_pretrained(tmp_path / "exported"), OnnxEarlyExitModel.from_pretrained(
+        tmp_path / "exported")
+    texts = [["john", "smith", "went", "to", "paris"], "acme at new york lol"]
+    assert pt.predict(texts) == ox.predict(texts)
+    assert pt.spec.tagging and pt.spec.scheme == "bio"
