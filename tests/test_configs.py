@@ -77,7 +77,7 @@ def test_pretrain_config_carries_no_task():
 
 # Options that need tagging files (and what else they need).
 TAGGING = {("data", "tagging"): ["task=pos_ewt"], ("task", "pos_ewt"): [], ("task", "ner_wnut17"): [],
-           ("task", "tagging"): ["task.num_labels=6"]}
+           ("task", "tagging"): ["task.num_labels=6"], ("task", "ner_conll2003"): []}
 
 
 @pytest.mark.parametrize(("primary", "group", "option"), CASES, ids=[f"{p}:{g}={o}" for p, g, o in CASES])
@@ -91,6 +91,12 @@ def test_option_composes_and_instantiates(primary, group, option, glue_dir, text
         write_ewt(tmp_path), write_wnut(tmp_path)
         (tmp_path / "train.txt").write_text((tmp_path / "WNUT17" / "wnut17train.conll").read_text())
         (tmp_path / "dev.txt").write_text((tmp_path / "WNUT17" / "emerging.dev.conll").read_text())
+        conll = tmp_path / "CoNLL2003"  # the shared task's columns: word POS chunk NER
+        conll.mkdir(exist_ok=True)
+        for name in ("eng.train", "eng.testa", "eng.testb"):
+            (conll / name).write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+                                      "German JJ B-NP B-MISC\ncall NN I-NP O\n\nPeter NNP B-NP B-PER\n"
+                                      "Blackburn NNP I-NP I-PER\nin IN B-PP O\nLondon NNP B-NP B-LOC\n")
         overrides += ["backbone=tiny", f"data_dir={tmp_path}", *TAGGING[(group, option)]]
     else:
         overrides += ["backbone=tiny", f"data_dir={glue_dir}"]
