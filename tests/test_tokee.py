@@ -1,0 +1,98 @@
+"""Token-level early exit: the engine that skips work answers what the masked computation answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rbert.inference.tokee import TokenEarlyExit, ceiling, first_piece_owner
+from rbert.inference.token_policies import WindowEntropyExit
+from rbert.models import MultiExitTokenBert, load_encoder
+from tests.backbone_files import FAMILIES, write_family
+
+
+def batch(seed: int = 0, rows: int = 6, width: int = 16):
+    """Rows of [CLS] pieces... [SEP] padding, with words of 1-3 pieces."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    words = torch.zeros(rows, width, dtype=torch.bool)
+    pieces = torch.zeros_like(words)
+    for r in range(rows):
+        length = int(torch.randint(5, width + 1, (1,), generator=gen)) if r else width
+        ids[r, :length] = torch.randint(1000, 2000, (length,), generator=gen)
+        mask[r, :length] = 1
+        pieces[r, 1:length - 1] = True
+        col = 1
+        while col < length - 1:
+            words[r, col] = True
+            col += int(torch.randint(1, 4, (1,), generator=gen))
+    return ids, mask, first_piece_owner(words, pieces)
+
+
+def tagger(folder, seed: int = 0) -> MultiExitTokenBert:
+    """A tiny tagger whose exits grow surer with depth (median word entropy 0.7 down to 0.3), so
+    that words leave at several layers."""
+    torch.manual_seed(seed)
+    net = MultiExitTokenBert(load_encoder(str(folder)), num_labels=5).eval()
+    ids, mask, owner = batch()
+    words = owner == torch.arange(ids.shape[1])
+    with torch.no_grad():
+        for head, z, target in zip(net.exits, net(ids, mask), np.linspace(0.7, 0.3, len(net.exits))):
+            low, high = 1e-3, 1e4
+            for _ in range(60):
+                mid = (low * high) ** 0.5
+                logp = torch.log_softmax(z[words] * mid, -1)
+                h = float((-(logp.exp() * logp).sum(-1) / np.log(5)).median())
+                low, high = (mid, high) if h > target else (low, mid)
+            head.classifier.weight.mul_(low)
+            head.classifier.bias.mul_(low)
+    return net
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("threshold, window", [(0.4, 0), (0.6, 1), ([0.3, 0.5, 0.7], 2)])
+def test_engine_equals_the_masked_computation(family, threshold, window, tmp_path):
+    net = tagger(write_family(tmp_path, family))
+    ids, mask, owner = batch()
+    rule = WindowEntropyExit(threshold, window)
+    fast = TokenEarlyExit(net, rule)(ids, mask, None, owner)
+    slow = TokenEarlyExit(net, rule, masked=True)(ids, mask, None, owner)
+    words = owner == torch.arange(ids.shape[1])
+    assert torch.equal(fast.exit_layer, slow.exit_layer)
+    assert torch.equal(fast.logits[words].argmax(-1), slow.logits[words].argmax(-1))
+    assert (fast.logits - slow.logits).abs().max() < 1e-4
+    assert fast.token_layers == slow.token_layers < fast.full_token_layers
+    # pieces of a word leave with it; padding never runs
+    pieces = owner >= 0
+    assert torch.equal(fast.exit_layer[pieces], fast.exit_layer.gather(1, owner.clamp_min(0))[pieces])
+    assert (fast.exit_layer[mask == 0] == 0).all()
+    # each row on its own answers the same
+    for r in range(len(ids)):
+        n = int(mask[r].sum())
+        alone = TokenEarlyExit(net, rule)(ids[r:r + 1, :n], mask[r:r + 1, :n], None, owner[r:r + 1, :n])
+        assert torch.equal(alone.exit_layer[0], fast.exit_layer[r, :n])
+        assert (alone.logits[0] - fast.logits[r, :n]).abs().max() < 1e-4
+
+
+def test_extreme_thresholds_give_the_first_and_the_last_exit(tmp_path):
+    net = tagger(write_family(tmp_path, "bert"))
+    ids, mask, owner = batch(1)
+    words = owner == torch.arange(ids.shape[1])
+    with torch.no_grad():
+        every = net(ids, mask)
+    never = TokenEarlyExit(net, WindowEntropyExit(0.0))(ids, mask, None, owner)
+    assert (never.logits[words] - every[-1][words]).abs().max() < 1e-4 and never.token_layers == never.full_token_layers
+    always = TokenEarlyExit(net, WindowEntropyExit(1.0))(ids, mask, None, owner)
+    assert (always.logits[words] - every[0][words]).abs().max() < 1e-4
+    assert (always.exit_layer[owner >= 0] == 1).all()
+
+
+def test_window_rule_and_ceiling():
+    rule = WindowEntropyExit(0.5, window=1)
+    entropy = np.array([[0.1, 0.9, 0.1, 0.1, 0.1, np.nan]])
+    present = np.array([[True, True, True, True, True, False]])
+    assert rule.decide(entropy, present, 0).tolist() == [[False, False, False, True, True, False]]
+    assert WindowEntropyExit([0.2, 0.95]).decide(entropy, present, 1).all(where=present[0])
+    assert ceiling(0.0) == 1.0 and ceiling(1.0) == pytest.approx(6.0) and ceiling(0.75) == pytest.approx(1 / 0.375)
