@@ -59,9 +59,9 @@ def tagger_folder(request, tmp_path_factory):
                 words[i, j] = True
     sharpen_tokens(net, enc["input_ids"], enc["attention_mask"], words)
     spec = DeploySpec(task="ner", text_fields=["words"], labels=TAGS, max_length=16, exit_layers=net.exit_layers,
-                      trained_exits=net.exit_layers, consulted_exits=net.exit_layers, style="token", pooling="none",
+                      trained_exits=net.exit_layers, consulted_exits=[2, 4], style="token", pooling="none",
                       policy=policy_to_dict(EntropyExit(0.6)), kind="tagging", scheme="bio")
-    return save(root / "exported", net, tokenizer, spec)
+    return save(root / "exported", net, tokenizer, spec)  # exits 2 and 4 consulted: two graphs to export
 
 
 POLICIES = [EntropyExit(0.6), EntropyExit(0.3), ConfidenceExit(0.8), PatienceExit(1)]

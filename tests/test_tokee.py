@@ -96,3 +96,33 @@ def test_window_rule_and_ceiling():
     assert rule.decide(entropy, present, 0).tolist() == [[False, False, False, True, True, False]]
     assert WindowEntropyExit([0.2, 0.95]).decide(entropy, present, 1).all(where=present[0])
     assert ceiling(0.0) == 1.0 and ceiling(1.0) == pytest.approx(6.0) and ceiling(0.75) == pytest.approx(1 / 0.375)
+
+
+def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatch):
+    import sys
+
+    from tests.conftest import REPO
+    from tests.tagging_files import write_wnut
+    from tests.test_run import run_cli
+
+    sys.path.insert(0, str(REPO))
+    import bench.tokee as tokee
+    from bench.runs import RunRecord
+
+    write_wnut(tmp_path)
+    common = ["task=ner_wnut17", f"data_dir={tmp_path}", "trainer.max_epochs=3", "model.optimizer.lr=3e-3",
+              "eval.after_train=false", "data.batch_size=8", "data.select_rows=12", "logger=none", "test=false"]
+    record = RunRecord(tmp_path / "ner_wnut17.jsonl")
+    for name in ("plain", "romebert"):
+        run_cli(tmp_path / name, f"model={'bert' if name == 'plain' else name}", *common)
+        ckpt = tmp_path / name / "checkpoints" / "best.ckpt"
+        record.add({"key": name, "name": name, "seed": 42, "checkpoint": str(ckpt), "per_exit": {"select": [0.5]}})
+    monkeypatch.setattr(tokee, "RESULTS", tmp_path)
+    args = type("Args", (), {"plan": "ner_wnut17", "windows": [0, 2], "thresholds": [0.1, 0.5, 0.9], "max_drop": 100.0,
+                             "samples": 4, "batches": 2, "repeats": 1})
+    result = tokee.evaluate(record.entries()[1], args)
+    assert len(result["grid"]) == 6 and all(r["token_speedup"] >= 1.0 for r in result["grid"])
+    assert any("budget" in p["targets"] for p in result["points"])
+    for point in result["points"]:
+        assert point["dev_token_speedup"] >= 1.0 and point["dev_ceiling"] <= 6.0
+        assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0

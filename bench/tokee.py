@@ -1,0 +1,193 @@
+"""Token-level early exit (TOKEE) on the tagging frontier's checkpoints: tuned on token-layer
+counts, then timed against the plain full-depth model.
+
+For one multi-exit tagging checkpoint of ``bench/frontier.py``'s record (plan ``pos_ewt`` or
+``ner_wnut17``, a configuration and a seed):
+
+1. every (window, threshold) of the grid runs the engine (:mod:`rbert.inference.tokee`) on
+   the selection split: metric, token-layer speed-up (full token-layers / computed ones) and
+   the ceiling that halted tokens' keys and values leave (1 / ((1 - f) + f / 6));
+2. about five points are chosen on the selection split (token-layer speed-ups nearest 1.5x,
+   2x, 3x, 4x, 5x, and the budget point: the largest speed-up within ``--max-drop`` points
+   of the plain model's selection metric), run on dev and timed at bs=1 and batched, in
+   turns with the plain full-depth model. Batches are **length-sorted** for every caller
+   (the plain model too), so cutting padding is not counted as a speed-up.
+
+    python bench/tokee.py --plan pos_ewt --config romebert --seed 42
+
+Records go to ``bench/records/tokee_<plan>.jsonl`` (one entry per checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.frontier import RESULTS  # noqa: E402
+from bench.runs import RunRecord, machine  # noqa: E402
+
+RECORDS = REPO / "bench" / "records"
+WINDOWS = (0, 1, 2, 4)
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+TARGETS = (1.5, 2.0, 3.0, 4.0, 5.0)
+
+
+def sorted_batches(loader, size: int, limit: int | None) -> list[dict]:
+    """The loader's rows regrouped into batches of ``size`` rows of similar length (no padding waste)."""
+    import torch
+
+    from rbert.inference.words import IGNORE
+
+    rows = [{k: v[i] for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))]
+    rows.sort(key=lambda r: int(r["attention_mask"].sum()))
+    out = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        width = int(max(r["attention_mask"].sum() for r in chunk))
+        out.append({k: torch.stack([r[k][:width] for r in chunk]) if chunk[0][k].ndim else
+                    torch.stack([r[k] for r in chunk]) for k in chunk[0]})
+        out[-1]["labels"] = torch.where(out[-1]["attention_mask"].bool(), out[-1]["labels"], IGNORE)
+    if limit is not None and limit < len(out):
+        out = [out[int(i)] for i in np.linspace(0, len(out) - 1, limit)]
+    return out
+
+
+def owner_of(batch: dict):
+    """Each token's word (its first piece's column): first pieces are the labelled positions;
+    every non-special token after one belongs to it."""
+    import torch
+
+    from rbert.inference.tokee import first_piece_owner
+    from rbert.inference.words import IGNORE
+
+    words = batch["labels"] != IGNORE
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(dim=1)
+    cols = torch.arange(mask.shape[1])
+    pieces = mask & (cols > 0) & (cols < (lengths - 1)[:, None])  # between [CLS] and [SEP]
+    return first_piece_owner(words, pieces)
+
+
+def run_engine(engine, batches, task) -> tuple[float, dict]:
+    """(token-layer share computed, metric values) of the engine over ``batches``."""
+    import torch
+
+    from rbert.inference.sweep import TagTargets, task_metric
+
+    logits, targets, computed, full = [], [], 0, 0
+    width = max(b["input_ids"].shape[1] for b in batches)
+    for b in batches:
+        out = engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), owner_of(b))
+        pad = width - out.logits.shape[1]
+        logits.append(torch.nn.functional.pad(out.logits, (0, 0, 0, pad)))
+        targets.append((torch.nn.functional.pad(b["labels"], (0, pad), value=-100), b["sentence"], b["window"]))
+        computed, full = computed + out.token_layers, full + out.full_token_layers
+    labels = TagTargets(*(torch.cat([t[i] for t in targets]) for i in range(3)))
+    return computed / full, task_metric(task, torch.cat(logits), labels)
+
+
+def evaluate(entry: dict, args) -> dict:
+    import torch
+
+    from rbert.build import build_datamodule
+    from rbert.inference.checkpoint import load_task_system
+    from rbert.inference.timing import time_in_turns
+    from rbert.inference.tokee import TokenEarlyExit, ceiling
+    from rbert.inference.token_policies import WindowEntropyExit
+    from rbert.models import BertForTokenClassification, load_encoder
+
+    system, train_cfg, trained = load_task_system(entry["checkpoint"])
+    task, net, metric = system.task, system.net, system.task.monitor
+    datamodule = build_datamodule(train_cfg, task, backbone=train_cfg.backbone)
+    select = sorted_batches(datamodule.selection_loader(), 32, None)
+    dev = sorted_batches(datamodule.eval_loader(0), 32, None)
+    plains = [e for e in RunRecord(RESULTS / f"{args.plan}.jsonl").entries() if e["name"] == "plain"]
+    floor = next((e for e in plains if e["seed"] == entry["seed"]), plains[0])["per_exit"]["select"][-1]
+    grid = []
+    with torch.inference_mode():
+        for window in args.windows:
+            for threshold in args.thresholds:
+                share, metrics = run_engine(TokenEarlyExit(net, WindowEntropyExit(threshold, window), trained),
+                                            select, task)
+                grid.append({"window": window, "threshold": threshold, "select_metric": metrics[metric],
+                             "token_speedup": 1 / share, "ceiling": ceiling(1 - share)})
+                print(f"window {window} threshold {threshold}: select {metric} {metrics[metric]:.4f}, "
+                      f"token-layer speed-up {1 / share:.2f}x", flush=True)
+    chosen: dict[tuple, list[str]] = {}
+    for target in TARGETS:
+        row = min(grid, key=lambda r: abs(r["token_speedup"] - target))
+        chosen.setdefault((row["window"], row["threshold"]), []).append(f"{target}x")
+    within = [r for r in grid if r["select_metric"] >= floor - args.max_drop / 100]
+    if within:
+        best = max(within, key=lambda r: r["token_speedup"])
+        chosen.setdefault((best["window"], best["threshold"]), []).append("budget")
+
+    reference = BertForTokenClassification(load_encoder(train_cfg.backbone, pretrained=False), task.num_labels).eval()
+    single = [{k: v[i:i + 1, :int(b["attention_mask"][i].sum())] if v.ndim == 2 else v[i:i + 1]
+               for k, v in b.items()} for b in dev for i in range(len(b["input_ids"]))]
+    single = [single[int(i)] for i in np.linspace(0, len(single) - 1, min(args.samples, len(single)))]
+    timed = [dev[int(i)] for i in np.linspace(0, len(dev) - 1, min(args.batches, len(dev)))]
+    calls = {"plain": lambda x: reference(x["input_ids"], x["attention_mask"])}
+    points = []
+    with torch.inference_mode():
+        for (window, threshold), targets in chosen.items():
+            engine = TokenEarlyExit(net, WindowEntropyExit(threshold, window), trained)
+            share, metrics = run_engine(engine, dev, task)
+            name = f"w{window}-t{threshold}"
+            calls[name] = (lambda e: lambda x: e(x["input_ids"], x["attention_mask"], None, owner_of(x)))(engine)
+            row = next(r for r in grid if (r["window"], r["threshold"]) == (window, threshold))
+            points.append({"call": name, "targets": targets, **row, "dev_metric": metrics[metric],
+                           "dev_token_speedup": 1 / share, "dev_ceiling": ceiling(1 - share)})
+
+        def over(items, call):
+            return lambda i: call(items[i])
+
+        one = time_in_turns({k: over(single, c) for k, c in calls.items()}, len(single), args.repeats)
+        many = time_in_turns({k: over(timed, c) for k, c in calls.items()}, len(timed), args.repeats)
+    for point in points:
+        name = point.pop("call")
+        point.update(speedup_bs1=one["plain"] / one[name], speedup_batched=many["plain"] / many[name])
+        point["batched_vs_ceiling"] = point["speedup_batched"] / point["dev_ceiling"]
+    return {"grid": grid, "points": points, "metric": metric, "floor_select": floor,
+            "timing": f"bs=1 on {len(single)} dev sentences, batched on {len(timed)} length-sorted dev batches "
+                      f"of 32, each item's best of {args.repeats}, in turns with the plain full-depth model"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default="pos_ewt", choices=("pos_ewt", "ner_wnut17"))
+    parser.add_argument("--config", default="romebert")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--windows", type=int, nargs="+", default=list(WINDOWS))
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    parser.add_argument("--max-drop", type=float, default=0.3)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from rbert.report import format_table
+
+    entry = next((e for e in RunRecord(RESULTS / f"{args.plan}.jsonl").entries()
+                  if e["name"] == args.config and e["seed"] == args.seed), None)
+    if entry is None:
+        raise SystemExit(f"no {args.config} seed {args.seed} in the {args.plan} frontier record "
+                         f"(python bench/frontier.py run --plan {args.plan} --only {args.config})")
+    start = time.time()
+    result = evaluate(entry, args)
+    RunRecord(RECORDS / f"tokee_{args.plan}.jsonl").add({
+        "key": f"{entry['key']}-tokee", "config": args.config, "seed": args.seed, "checkpoint": entry["checkpoint"],
+        "date": date.today().isoformat(), "machine": machine(), "wall_minutes": (time.time() - start) / 60, **result})
+    print(f"\nTOKEE on {args.plan} {args.config} seed {args.seed} ({result['timing']})\n"
+          f"{format_table(result['points'], floatfmt='{:.3f}')}")
+
+
+if __name__ == "__main__":
+    main()
