@@ -83,7 +83,7 @@ def test_onnx_and_pytorch_runtimes_answer_the_same_tags_and_exits(tagger_folder,
         for tag in answer["tags"]:  # BIO stays valid
             assert not tag.startswith("I-") or previous[2:] == tag[2:]
             previous = tag
-    if isinstance(policy, EntropyExit):  # the heads were sharpened for entropy: sentences leave early
+    if isinstance(policy, EntropyExit) and policy.threshold > 0.5:  # above the sharpened median: some leave early
         assert min(a["exit_layer"] for a in batched) < pt.spec.exit_layers[-1]
 
 
@@ -129,3 +129,22 @@ def test_predict_and_export_from_a_trained_tagger(tmp_path):
     texts = [["john", "smith", "went", "to", "paris"], "acme at new york lol"]
     assert pt.predict(texts) == ox.predict(texts)
     assert pt.spec.tagging and pt.spec.scheme == "bio"
+
+
+def test_token_level_exit_runs_on_the_pytorch_runtime(tagger_folder):
+    from rbert.deploy import FolderError
+    from rbert.inference.policies import NoExit
+
+    texts = SENTENCES * 2 + [(["john", "smith"] + FILLER) * 8]  # the last one in windows
+    full = EarlyExitModel.from_pretrained(tagger_folder, policy=NoExit()).predict(texts)
+    never = EarlyExitModel.from_pretrained(tagger_folder, policy={"name": "window_entropy", "threshold": 0.0})
+    assert [a["tags"] for a in never.predict(texts)] == [a["tags"] for a in full]
+    tokee = EarlyExitModel.from_pretrained(tagger_folder, policy={"name": "window_entropy", "threshold": 0.6,
+                                                                  "window": 1})
+    answers = tokee.predict(texts, batch_size=4)
+    assert answers == tokee.predict(texts, batch_size=1)
+    for answer in answers:
+        assert len(answer["exit_layers"]) == len(answer["words"]) and answer["exit_layer"] == max(answer["exit_layers"])
+    assert len({layer for a in answers for layer in a["exit_layers"]}) > 1  # words leave at different exits
+    with pytest.raises(FolderError, match="token-level early exit.*runs on the PyTorch runtime"):
+        OnnxEarlyExitModel.from_pretrained(tagger_folder, policy={"name": "window_entropy", "threshold": 0.5})

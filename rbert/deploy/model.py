@@ -137,7 +137,12 @@ class EarlyExitModel(Predictor):
         self.net, self.tokenizer, self.spec, self.policy = net.to(device), tokenizer, spec, policy
         self.device = torch.device(device)
         policy.check(spec.num_labels, len(spec.consulted_exits))
-        self.engine = EarlyExit(net, policy, self.consulted)
+        if self.token_level:  # TOKEE: each word leaves on its own, the engine skips its later work
+            from rbert.inference.tokee import TokenEarlyExit
+
+            self.engine = TokenEarlyExit(net, policy, self.consulted)
+        else:
+            self.engine = EarlyExit(net, policy, self.consulted)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, policy: ExitPolicy | dict | None = None,
@@ -147,9 +152,12 @@ class EarlyExitModel(Predictor):
         net = load_net(folder, spec)
         return cls(net, FolderTokenizer.from_folder(folder), spec, folder_policy(spec, policy, str(folder)), device)
 
-    def run(self, input_ids, attention_mask, token_type_ids=None, words=None):
+    def run(self, input_ids, attention_mask, token_type_ids=None, words=None, owner=None):
         def tensor(a):
             return None if a is None else torch.from_numpy(a).to(self.device)
 
+        if self.token_level:
+            result = self.engine(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids), tensor(owner))
+            return result.logits.float().cpu().numpy(), result.exit_layer.cpu().numpy().astype(np.int64)
         result = self.engine(tensor(input_ids), tensor(attention_mask), tensor(token_type_ids), tensor(words))
         return result.logits.float().cpu().numpy(), result.exit_layer.cpu().numpy().astype(np.int64)

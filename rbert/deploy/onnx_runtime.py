@@ -51,6 +51,10 @@ class OnnxEarlyExitModel(Predictor):
         import onnxruntime as ort
 
         self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
+        if self.token_level:
+            raise FolderError(f"policy: {policy.describe()} (token-level early exit) runs on the PyTorch runtime "
+                              "(EarlyExitModel): the exported graphs compute every token of a layer, so a word "
+                              "that left would save nothing here")
         policy.check(spec.num_labels, len(spec.consulted_exits))
         options = ort.SessionOptions()
         if threads:
@@ -122,7 +126,7 @@ class OnnxEarlyExitModel(Predictor):
         return cls(folder, spec, FolderTokenizer.from_folder(folder), folder_policy(spec, policy, str(folder)),
                    providers, threads, session_config, fused)
 
-    def run(self, input_ids, attention_mask, token_type_ids=None, words=None):
+    def run(self, input_ids, attention_mask, token_type_ids=None, words=None, owner=None):
         if token_type_ids is None:
             token_type_ids = np.zeros_like(input_ids)
         tokens = {"input_ids": input_ids, "token_type_ids": token_type_ids}

@@ -20,22 +20,38 @@ import numpy as np
 from rbert.deploy.folder import DeploySpec, FolderError
 from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.policies import ExitPolicy, NoExit, policy_from_dict
-from rbert.inference.words import bio_transitions, decode_rows, pad_rows, stitch, tag_rows
+from rbert.inference.token_policies import WindowEntropyExit
+from rbert.inference.words import bio_transitions, decode_rows, pad_rows, piece_owners, stitch, tag_rows
 
 Text = str | Sequence[str]  # one text, or a pair for two-text tasks (MRPC, STS-B, MNLI, ...)
 
 
-def folder_policy(spec: DeploySpec, policy: ExitPolicy | dict | None, where: str) -> ExitPolicy:
+def folder_policy(spec: DeploySpec, policy: ExitPolicy | WindowEntropyExit | dict | None, where: str
+                  ) -> ExitPolicy | WindowEntropyExit:
     """The policy to run: ``policy`` if given (an object, or a dict as config.json stores one),
-    else the one the folder was exported with."""
-    if isinstance(policy, ExitPolicy):
-        return policy
+    else the one the folder was exported with. A tagger also takes token-level exit
+    (``{"name": "window_entropy", "threshold": ..., "window": ...}``: each word leaves on its own)."""
+    if isinstance(policy, (ExitPolicy, WindowEntropyExit)):
+        return token_level(spec, policy)
     if policy is not None and not isinstance(policy, dict):
         raise FolderError(f"policy: expected an object such as {{\"name\": \"none\"}}, got {policy!r}")
+    data = policy if policy is not None else spec.policy
+    if isinstance(data, dict) and data.get("name") == WindowEntropyExit.name:
+        try:
+            return token_level(spec, WindowEntropyExit(**{k: v for k, v in data.items() if k != "name"}))
+        except (TypeError, ValueError) as err:
+            raise FolderError(f"{where}: policy {data}: {err}") from err
     try:
         return policy_from_dict(policy if policy is not None else spec.policy)
     except ValueError as err:
         raise FolderError(f"{where}: rbert_early_exit.policy: {err}") from err
+
+
+def token_level(spec: DeploySpec, policy):
+    if isinstance(policy, WindowEntropyExit) and not spec.tagging:
+        raise FolderError(f"policy: {policy.describe()} is token-level early exit, for taggers; {spec.task} "
+                          "labels whole texts")
+    return policy
 
 
 class Predictor:
@@ -92,9 +108,10 @@ class Predictor:
         return self.tokenizer(self.rows(texts), self.spec.max_length)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
-            words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            words: np.ndarray | None = None, owner: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(logits (batch, num_labels) float32, exit layer (batch,) int64) of one batch; a tagger's
-        logits are (batch, tokens, num_labels), and ``words`` marks the words' first pieces."""
+        logits are (batch, tokens, num_labels), and ``words`` marks the words' first pieces;
+        token-level exit takes each token's word (``owner``) and answers an exit layer per token."""
         raise NotImplementedError
 
     def answer(self, logits: np.ndarray, exit_layer: np.ndarray) -> list[dict]:
@@ -121,14 +138,33 @@ class Predictor:
         width = max(len(r.ids) for r in rows)
         tags = np.zeros((len(rows), width), dtype=np.int64)
         exits = np.zeros(len(rows), dtype=np.int64)
+        word_exits = np.zeros((len(rows), width), dtype=np.int64)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             ids, mask, words = pad_rows(chunk, self.tokenizer.pad_id)
-            logits, layer = self.run(ids, mask, np.zeros_like(ids), words)
+            owner = piece_owners(chunk, ids.shape[1]) if self.token_level else None
+            logits, layer = self.run(ids, mask, np.zeros_like(ids), words, owner)
             tags[start:start + len(chunk), :ids.shape[1]] = decode_rows(logits, words, transitions)
-            exits[start:start + len(chunk)] = layer
-        return [{"words": words, "tags": [self.spec.labels[t] for t in tag_ids], "exit_layer": layer}
-                for words, (tag_ids, layer) in zip(sentences, stitch(rows, tags, exits, [len(s) for s in sentences]))]
+            if self.token_level:  # each word's own exit, kept where the tags are
+                word_exits[start:start + len(chunk), :ids.shape[1]] = layer
+            else:
+                exits[start:start + len(chunk)] = layer
+        answers = []
+        lengths = [len(s) for s in sentences]
+        stitched = stitch(rows, tags, exits, lengths)
+        per_word = stitch(rows, word_exits, exits, lengths) if self.token_level else None
+        for i, (words, (tag_ids, layer)) in enumerate(zip(sentences, stitched)):
+            answer = {"words": words, "tags": [self.spec.labels[t] for t in tag_ids], "exit_layer": layer}
+            if per_word is not None:
+                answer["exit_layers"] = per_word[i][0]
+                answer["exit_layer"] = max(per_word[i][0])
+            answers.append(answer)
+        return answers
+
+    @property
+    def token_level(self) -> bool:
+        """Whether words leave one by one (TOKEE) rather than sentences whole."""
+        return isinstance(self.policy, WindowEntropyExit)
 
     def predict(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
         """Answer every text: ``{"label", "probabilities", "exit_layer"}`` (regression:

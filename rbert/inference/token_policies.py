@@ -46,6 +46,14 @@ class WindowEntropyExit:
         windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1, axis=1)
         return (windows.max(axis=-1) < self.threshold(index)) & present
 
+    def check(self, num_labels: int, num_exits: int) -> None:
+        if num_exits < 2:
+            raise ConfigError(f"exit_policy={self.name} needs a multi-exit tagger with trained internal exits")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "threshold": self.thresholds if len(self.thresholds) > 1 else self.thresholds[0],
+                "window": self.window}
+
     def describe(self) -> str:
         t = self.thresholds[0] if len(self.thresholds) == 1 else self.thresholds
         return f"window_entropy(threshold={t}, window={self.window})"

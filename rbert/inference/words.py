@@ -18,7 +18,7 @@ runtimes all use these, so a sentence is cut, aligned and decoded the same way e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,13 +84,17 @@ def word_windows(word_pieces: list[list[int]], budget: int, unk_id: int) -> list
 class TagRow:
     """One model input of a tagging request: a window of sentence ``sentence`` with its special
     tokens (``ids``); ``positions``: where the first pieces of the words it answers for sit in
-    ``ids``; ``words``: those words' indices in the sentence."""
+    ``ids``; ``words``: those words' indices in the sentence; ``firsts``: the first pieces of
+    every word in the window (owned or not), for token-level exit, where each word runs on
+    its own."""
 
     sentence: int
     window: int
     ids: list[int]
     positions: list[int]
     words: list[int]
+    firsts: list[int] = field(default_factory=list)
+    stop: int = 0  # where the word pieces end in ids (the special tokens after them start)
 
 
 def tag_rows(sentences: list[list[list[int]]], max_length: int, before: list[int], after: list[int],
@@ -105,7 +109,8 @@ def tag_rows(sentences: list[list[list[int]]], max_length: int, before: list[int
         for k, w in enumerate(windows):
             owned = [i for i, own in enumerate(w.owned) if own]
             rows.append(TagRow(number, k, before + w.pieces + after, [len(before) + w.first[i] for i in owned],
-                               [w.start + i for i in owned]))
+                               [w.start + i for i in owned], [len(before) + f for f in w.first],
+                               len(before) + len(w.pieces)))
     return rows, windowed
 
 
@@ -121,6 +126,16 @@ def pad_rows(rows: list[TagRow], pad_id: int) -> tuple[np.ndarray, np.ndarray, n
         mask[i, :len(r.ids)] = 1
         words[i, r.positions] = True
     return ids, mask, words
+
+
+def piece_owners(rows: list[TagRow], width: int) -> np.ndarray:
+    """``(rows, width)`` int64: each token's word, as the column of the word's first piece;
+    -1 for special tokens and padding (what token-level exit takes)."""
+    owner = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        for first, end in zip(r.firsts, r.firsts[1:] + [r.stop]):
+            owner[i, first:end] = first
+    return owner
 
 
 def stitch(rows: list[TagRow], tags: np.ndarray, exit_layer: np.ndarray, lengths: list[int]
