@@ -126,3 +126,38 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
     for point in result["points"]:
         assert point["dev_token_speedup"] >= 1.0 and point["dev_ceiling"] <= 6.0
         assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0
+
+
+def test_training_forward_with_halts_is_what_the_engine_computes(tmp_path):
+    """``forward(halt_after=...)`` (self-sampling's training pass) with the engine's own exit layers
+    gives, at each word's exit, the logits the engine answered with."""
+    net = tagger(write_family(tmp_path, "bert"))
+    ids, mask, owner = batch()
+    result = TokenEarlyExit(net, WindowEntropyExit(0.5, 1))(ids, mask, None, owner)
+    with torch.no_grad():
+        every = net(ids, mask, halt_after=result.exit_layer)
+        full = net(ids, mask, halt_after=torch.full_like(ids, net.exit_layers[-1]))
+        plain = net(ids, mask)
+    words = owner == torch.arange(ids.shape[1])
+    for r, c in words.nonzero().tolist():
+        layer = int(result.exit_layer[r, c])
+        assert (every[net.exit_layers.index(layer)][r, c] - result.logits[r, c]).abs().max() < 1e-4
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(full, plain))
+
+
+def test_self_sampling_trains_a_tagger(tmp_path):
+    from tests.tagging_files import write_ewt
+    from tests.test_run import run_cli
+
+    write_ewt(tmp_path)
+    run_cli(tmp_path / "run", "task=pos_ewt", "model=romebert", f"data_dir={tmp_path}", "data.batch_size=8",
+            "trainer.max_epochs=3", "model.optimizer.lr=3e-3", "logger=none", "eval.after_train=false",
+            "model.self_sampling={windows: [1, 2], thresholds: [0.2, 0.4], sandwich: 1}")
+    import json
+
+    from rbert.build import load_system
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+    assert results["test/accuracy"] > 0.6, results
+    system, _, _ = load_system(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
+    assert system.self_sampling.windows == [1, 2] and system.self_sampling.sandwich == 1

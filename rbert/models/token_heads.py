@@ -84,7 +84,22 @@ class MultiExitTokenBert(nn.Module):
         return self.exits[index](hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Logits of every exit (all layers run), final exit last."""
-        states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=True).hidden_states
-        return [self.exit_logits(i, states[layer]) for i, layer in enumerate(self.exit_layers)]
+                token_type_ids: torch.Tensor | None = None, halt_after: torch.Tensor | None = None
+                ) -> list[torch.Tensor]:
+        """Logits of every exit (all layers run), final exit last.
+
+        ``halt_after`` ``(batch, tokens)``: token-level early exit's halt and copy, as training
+        sees it: a token runs through layers ``1..halt_after`` and keeps its state after (later
+        layers still read it as a key and a value); every exit's logits come from those states.
+        """
+        if halt_after is None:
+            states = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=True).hidden_states
+            return [self.exit_logits(i, states[layer]) for i, layer in enumerate(self.exit_layers)]
+        hidden = self.bert.embed(input_ids, token_type_ids)
+        bias = self.bert.attention_bias(attention_mask)
+        out = []
+        for n, layer in enumerate(self.bert.layers, start=1):
+            hidden = torch.where((halt_after >= n)[..., None], layer(hidden, bias), hidden)
+            if n in self.exit_layers:
+                out.append(self.exit_logits(self.exit_layers.index(n), hidden))
+        return out

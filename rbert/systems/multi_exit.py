@@ -29,11 +29,21 @@ class MultiExitSystem(TaskSystem):
     """Base: a multi-exit network whose ``forward`` returns every exit's logits."""
 
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
-                 warmup_ratio: float = 0.1):
+                 warmup_ratio: float = 0.1, self_sampling: dict | None = None):
         super().__init__(task, optimizer, warmup_ratio, exit_layers=net.exit_layers)
         self.net = net
+        self.self_sampling = None
+        if self_sampling:  # token-level early exit's fine-tuning (rbert/systems/self_sampling.py)
+            if task.kind != "tagging":
+                raise ConfigError("model.self_sampling is token-level early exit's fine-tuning: tagging tasks only")
+            from rbert.systems.self_sampling import SelfSampling
+
+            self.self_sampling = SelfSampling(**dict(self_sampling))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if self.training and self.self_sampling is not None:  # words halted as they would at inference
+            halt = self.self_sampling.halt_after(self.net, batch)
+            return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), halt)
         return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
 
 
@@ -59,8 +69,8 @@ class DeeBERT(MultiExitSystem):
     """
 
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
-                 warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1)):
-        super().__init__(task, net, optimizer, warmup_ratio)
+                 warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1), self_sampling: dict | None = None):
+        super().__init__(task, net, optimizer, warmup_ratio, self_sampling)
         if len(stage_epochs) != 2:
             raise ConfigError(f"model.stage_epochs must give two epoch counts, got {stage_epochs}")
         self.stage_epochs = list(stage_epochs)
@@ -116,8 +126,8 @@ class RomeBERT(MultiExitSystem):
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_ratio: float = 0.1, self_distillation: bool = True, temperature: float = 3.0,
                  gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto",
-                 kd_reduction: str = "mean", teacher: str | None = None):
-        super().__init__(task, net, optimizer, warmup_ratio)
+                 kd_reduction: str = "mean", teacher: str | None = None, self_sampling: dict | None = None):
+        super().__init__(task, net, optimizer, warmup_ratio, self_sampling)
         check_kd(temperature, gamma, kd_reduction)
         if anchor == "auto":
             anchor = "final" if task.name in ("mnli", "qqp") else "exits"
