@@ -104,12 +104,14 @@ def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig
     except FolderError as err:
         raise ConfigError(f"export_dir: {err}") from err
     graphs = len(spec.onnx.get("segments", []))
+    # what the folder answers with (int8 may have chosen again); token-level exit's rule is its own kind
+    described = policy.describe() if spec.policy == policy_to_dict(policy) else policy_from_dict(spec.policy).describe()
     choice = spec.policy_choice
     print(f"early-exit model written to {out}: {task.name}, exits {layers} of {net.exit_layers}, "
-          f"policy {policy_from_dict(spec.policy).describe()}" + (f" (chosen: {choice})" if choice else "")
+          f"policy {described}" + (f" (chosen: {choice})" if choice else "")
           + (f", {graphs} ONNX graphs ({spec.onnx['exporter']})" if graphs else ", no ONNX graphs")
           + (f", int8: {spec.onnx['quantization']['per_exit']}" if quantize else ""))
-    return {"export_dir": str(out), "policy": policy_from_dict(spec.policy).describe(), "consulted_exits": layers}
+    return {"export_dir": str(out), "policy": described, "consulted_exits": layers}
 
 
 def to_int8(folder: Path, spec, loader, task, budget) -> None:

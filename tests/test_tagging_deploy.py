@@ -129,6 +129,17 @@ def test_predict_and_export_from_a_trained_tagger(tmp_path):
     texts = [["john", "smith", "went", "to", "paris"], "acme at new york lol"]
     assert pt.predict(texts) == ox.predict(texts)
     assert pt.spec.tagging and pt.spec.scheme == "bio"
+    # token-level exit from the command line: an exit layer per word in predict's CoNLL and the export
+    token_level = ["exit_policy=window_entropy", "exit_policy.threshold=0.5", "exit_policy.window=1"]
+    run_cli(tmp_path / "predict-tokee", "mode=predict", "task=ner_wnut17", f"ckpt_path={ckpt}", f"data_dir={tmp_path}",
+            f"predict.input={tmp_path / 'in.jsonl'}", f"predict.output={tmp_path / 'tokee.conll'}",
+            "data.max_length=32", *token_level)
+    lines = (tmp_path / "tokee.conll").read_text().strip().split("\n\n")[0].splitlines()
+    assert len(lines) == len(words) and all(1 <= int(line.split("\t")[2]) <= 4 for line in lines)
+    run_cli(tmp_path / "export-tokee", "mode=export", "task=ner_wnut17", f"ckpt_path={ckpt}", f"data_dir={tmp_path}",
+            f"export_dir={tmp_path / 'tokee'}", *token_level)
+    (answer,) = EarlyExitModel.from_pretrained(tmp_path / "tokee").predict([words])
+    assert answer["words"] == words and len(answer["exit_layers"]) == len(words)
 
 
 def test_token_level_exit_runs_on_the_pytorch_runtime(tagger_folder):

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: mode=eval needs the checkpoint to evaluate")
+    if str(cfg.exit_policy.get("_target_", "")).endswith("WindowEntropyExit"):
+        raise ConfigError("exit_policy=window_entropy: mode=eval sweeps sentence-level policies; token-level exit "
+                          "is tuned and timed by bench/tokee.py, and runs in mode=predict and mode=export")
     setup = prepare(cfg)
     policy, system, net, layers, device, autocast = (setup.policy, setup.system, setup.net, setup.layers,
                                                      setup.device, setup.autocast)

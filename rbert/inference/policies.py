@@ -351,6 +351,8 @@ def policy_to_dict(policy: ExitPolicy) -> dict:
     an exported folder's config.json: its constructor arguments, without the sweep."""
     if isinstance(policy, BudgetExit):
         raise ValueError("a budget policy is stored as the policy it chose (BudgetExit.choose(..., as_policy=True))")
+    if hasattr(policy, "to_dict"):  # token-level exit (rbert.inference.token_policies)
+        return policy.to_dict()
     return {"name": policy.name, **{k: v for k, v in vars(policy).items() if k != "sweep"}}
 
 

@@ -5,7 +5,7 @@ word; other columns are ignored), ``.conllu`` (its words), ``.jsonl`` (``{"token
 or a ``.txt`` of raw text, one sentence a line, split into words by the tokenizer's own
 pre-tokenizer (BERT's splits at spaces and punctuation: ``don't`` becomes ``don ' t``,
 where UD has ``do n't``). Output (``predict.output``): CoNLL columns ``word, tag,
-exit_layer`` (the layer the sentence left at: SENTEE answers a sentence at one exit; a
+exit_layer`` (the layer the word left at: with SENTEE its sentence's, one exit for all its words; a
 sentence cut into windows reports its deepest), a blank line between sentences.
 """
 
@@ -22,7 +22,9 @@ from rbert.data.tagging_files import read_sentences
 from rbert.errors import ConfigError
 from rbert.inference.engine import EarlyExit
 from rbert.inference.prepare import Setup, resolve_budget
-from rbert.inference.words import bio_transitions, decode_rows, pad_rows, stitch, tag_rows
+from rbert.inference.tokee import TokenEarlyExit
+from rbert.inference.token_policies import WindowEntropyExit
+from rbert.inference.words import bio_transitions, decode_rows, pad_rows, piece_owners, stitch, tag_rows
 from rbert.report import atomic_write_text
 
 
@@ -73,7 +75,11 @@ def run(cfg: DictConfig, setup: Setup) -> Path:
     before, after = special_ids(tokenizer)
     rows, windowed = tag_rows(piece_ids(tokenizer, sentences), setup.datamodule.max_length, before, after,
                               tokenizer.unk_token_id)
-    engine = EarlyExit(net, policy, layers) if net is not None else None
+    token_level = isinstance(policy, WindowEntropyExit)
+    if token_level:
+        engine = TokenEarlyExit(net, policy, layers)
+    else:
+        engine = EarlyExit(net, policy, layers) if net is not None else None
     transitions = bio_transitions(task.labels) if task.scheme == "bio" else None
     tags, exits = [], []
     for start in range(0, len(rows), cfg.eval.batch_size):
@@ -83,17 +89,27 @@ def run(cfg: DictConfig, setup: Setup) -> Path:
             if engine is None:
                 z = system({"input_ids": ids, "attention_mask": mask})[-1]
                 layer = torch.full((len(chunk),), system.exit_layers[-1])
+            elif token_level:  # each word's own exit layer, kept at its first piece like its tag
+                owner = torch.from_numpy(piece_owners(chunk, ids.shape[1])).to(device)
+                result = engine(ids, mask, None, owner)
+                z, layer = result.logits, result.exit_layer
             else:
                 result = engine(ids, mask, words=words)
                 z, layer = result.logits, result.exit_layer
         tags.extend(decode_rows(z.float().cpu().numpy(), words.cpu().numpy(), transitions))
-        exits.extend(layer.tolist())
+        exits.extend(layer.cpu().numpy() if token_level else layer.tolist())
     width = max(len(t) for t in tags)
     padded = np.stack([np.pad(t, (0, width - len(t))) for t in tags])
-    answered = stitch(rows, padded, np.array(exits), [len(s) for s in sentences])
+    lengths = [len(s) for s in sentences]
+    if token_level:
+        per_word = np.stack([np.pad(e, (0, width - len(e))) for e in exits])
+        answered = [(t, layers_) for (t, _), (layers_, _) in zip(stitch(rows, padded, np.zeros(len(rows)), lengths),
+                                                                   stitch(rows, per_word, np.zeros(len(rows)), lengths))]
+    else:
+        answered = [(t, [layer] * len(t)) for t, layer in stitch(rows, padded, np.array(exits), lengths)]
     lines = []
-    for words, (tag_ids, layer) in zip(sentences, answered):
-        lines += [f"{w}\t{task.labels[t]}\t{layer}" for w, t in zip(words, tag_ids)] + [""]
+    for words, (tag_ids, layers_) in zip(sentences, answered):
+        lines += [f"{w}\t{task.labels[t]}\t{n}" for w, t, n in zip(words, tag_ids, layers_)] + [""]
     output = Path(cfg.predict.output)
     atomic_write_text(output, "\n".join(lines))
     print(f"{len(sentences)} sentences tagged ({policy.describe()}; {windowed} cut into windows) written to {output}")
