@@ -52,9 +52,9 @@ class OnnxEarlyExitModel(Predictor):
 
         self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
         if self.token_level:
-            raise FolderError(f"policy: {policy.describe()} (token-level early exit) runs on the PyTorch runtime "
-                              "(EarlyExitModel; rbert-serve --runtime torch): the exported graphs compute every token of a layer, so a word "
-                              "that left would save nothing here")
+            raise FolderError(f"policy: {policy.describe()} (token-level early exit) runs on the PyTorch "
+                              "runtime (EarlyExitModel; rbert-serve --runtime torch): the exported graphs compute "
+                              "every token of a layer, so a word that left would save nothing here")
         policy.check(spec.num_labels, len(spec.consulted_exits))
         options = ort.SessionOptions()
         if threads:

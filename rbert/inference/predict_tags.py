@@ -103,8 +103,9 @@ def run(cfg: DictConfig, setup: Setup) -> Path:
     lengths = [len(s) for s in sentences]
     if token_level:
         per_word = np.stack([np.pad(e, (0, width - len(e))) for e in exits])
-        answered = [(t, layers_) for (t, _), (layers_, _) in zip(stitch(rows, padded, np.zeros(len(rows)), lengths),
-                                                                   stitch(rows, per_word, np.zeros(len(rows)), lengths))]
+        none = np.zeros(len(rows))
+        answered = [(t, layers_) for (t, _), (layers_, _) in zip(stitch(rows, padded, none, lengths),
+                                                                   stitch(rows, per_word, none, lengths))]
     else:
         answered = [(t, [layer] * len(t)) for t, layer in stitch(rows, padded, np.array(exits), lengths)]
     lines = []
