@@ -4,8 +4,9 @@
 plain PyTorch loop (no Lightning, no rbert model code) on exactly the rows rbert trains on
 (rbert's tagging data module: the same sentences, selection split, word pieces and
 first-piece labels, the same shuffled order per epoch), with the same budget (epochs,
-batch size), learning rate, warm-up, weight decay and checkpoint choice (the best epoch on
-the selection split). The dev metric of its chosen epoch is compared with the plain model
+batch size), learning rate, warm-up, weight decay, gradient clipping (``trainer.gradient_clip_val``,
+1.0: also ``transformers.Trainer``'s default ``max_grad_norm``) and checkpoint choice (the
+best epoch on the selection split). The dev metric of its chosen epoch is compared with the plain model
 (``model=bert``) of the frontier plan of the same task and seed (``bench/frontier.py``):
 
     python bench/tagging_anchor.py run --plan pos_ewt --seeds 42 43 44
@@ -80,6 +81,7 @@ def train_anchor(plan: str, seed: int) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=float(settings.lr), weight_decay=float(settings.weight_decay))
     loader = datamodule.train_dataloader()
+    clip = float(cfg.trainer.get("gradient_clip_val") or 0.0)
     epochs = int(cfg.trainer.max_epochs)
     total = epochs * len(loader)
     scheduler = get_scheduler("linear", optimizer, int(float(cfg.model.warmup_ratio) * total), total)
@@ -92,6 +94,8 @@ def train_anchor(plan: str, seed: int) -> dict:
         for batch in loader:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             out.loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -112,14 +116,14 @@ def train_anchor(plan: str, seed: int) -> dict:
     dev = {k: (None if v != v else v)  # a type with no entities at all has no F1 (NaN): null in the record
            for k, v in task_metric(task, logits[-1], labels, per_type=True).items()}
     return {"select": best[0], "best_epoch": best[1], "select_by_epoch": history, "dev": dev,
-            "train_seconds": seconds, "lr": float(cfg.model.optimizer.lr), "epochs": epochs,
+            "train_seconds": seconds, "lr": float(cfg.model.optimizer.lr), "epochs": epochs, "clip": clip,
             "batch_size": int(cfg.data.batch_size)}
 
 
 def run(args) -> None:
     record = RunRecord(RECORDS / f"tagging_anchor_{args.plan}.jsonl")
     for seed in args.seeds:
-        key = job_key(f"anchor-s{seed}", [*PLANS[args.plan].common, f"seed={seed}"])
+        key = job_key(f"anchor-s{seed}", [*PLANS[args.plan].common, f"seed={seed}", "clip"])
         if key in record.done():
             print(f"{key}: recorded, skipped")
             continue
