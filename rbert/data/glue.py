@@ -233,18 +233,22 @@ class GlueDataModule(ResumableData, pl.LightningDataModule):
         for split in needed:
             if split not in self.splits:
                 self.splits[split] = self.encode(split)
-        train = self.splits.get("train")
-        if train is not None and self.select_rows:
+        if self.splits.get("train") is not None:
+            self.carve_train(self.splits["train"])
+        log.info("task %s: %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
+
+    def carve_train(self, train: datasets.Dataset) -> None:
+        """The selection split (``select_rows``) and the ``train_limit`` subset, by rows."""
+        if self.select_rows:
             if self.select_rows >= len(train):
                 raise ConfigError(f"data.select_rows={self.select_rows} leaves no training rows "
                                   f"(the training split has {len(train)})")
             order = np.random.default_rng(self.select_seed).permutation(len(train))
             self.splits["select"] = train.select(np.sort(order[:self.select_rows]))
             train = self.splits["train"] = train.select(np.sort(order[self.select_rows:]))
-        if train is not None and self.train_limit is not None and self.train_limit < len(train):
+        if self.train_limit is not None and self.train_limit < len(train):
             rows = np.sort(np.random.default_rng(self.seed).permutation(len(train))[: self.train_limit])
             self.splits["train"] = train.select(rows)
-        log.info("task %s: %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, sharded: bool = True) -> DataLoader:
         """An evaluation loader in file order; under DDP each rank gets its share of the rows, none twice."""

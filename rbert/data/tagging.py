@@ -158,17 +158,8 @@ class TaggingDataModule(GlueDataModule):
         """Nothing to download or cache: files are read (fast) where they are used, in ``setup``."""
 
     # ------------------------------------------------------------------ splits
-    def setup(self, stage: str | None = None) -> None:
-        needed = [s for s in self.task.splits if s != "train" or stage in (None, "fit") or self.select_rows]
-        if all(s in self.splits for s in needed):
-            return
-        for split in needed:
-            if split not in self.splits:
-                self.splits[split] = self.encode(split)
-        train = self.splits.get("train")
-        if train is None:
-            return
-        # Selection split and train_limit count sentences (a sentence's windows stay together).
+    def carve_train(self, train: datasets.Dataset) -> None:
+        """Selection split and ``train_limit`` count sentences: a sentence's windows stay together."""
         sentence = np.asarray(train["sentence"])
         count = int(sentence.max()) + 1
         if self.select_rows:
@@ -186,7 +177,6 @@ class TaggingDataModule(GlueDataModule):
                 keep = np.random.default_rng(self.seed).permutation(present)[:self.train_limit]
                 train = train.select(np.flatnonzero(np.isin(sentence, keep)))
         self.splits["train"] = train
-        log.info("task %s: rows (windows) %s", self.task.name, {k: len(v) for k, v in self.splits.items()})
 
 
 def hub_sentences(ds: datasets.Dataset, tokens: str, tags: str) -> list[Sentence]:

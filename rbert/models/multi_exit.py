@@ -63,6 +63,12 @@ def own_pooler(bert: Encoder) -> BertPooler:
     return pooler
 
 
+def as_final_exit(classifier: nn.Module) -> dict[str, torch.Tensor]:
+    """A single-exit classifier's weights named as a one-exit multi-exit model's (its
+    ``classifier.*`` becomes exit 0's)."""
+    return {("exits.0." + k if k.startswith("classifier.") else k): v for k, v in classifier.state_dict().items()}
+
+
 class MultiExitBert(nn.Module):
     """A BERT with exits after the layers ``exit_layers`` (1-based; default: every layer).
 
@@ -102,9 +108,7 @@ class MultiExitBert(nn.Module):
         num_labels = classifier.classifier.out_features
         net = cls(classifier.bert, num_labels, [classifier.bert.num_layers], pooling=classifier.pooling,
                   dropout=classifier.dropout.p)
-        state = {("exits.0." + k if k.startswith("classifier.") else k): v
-                 for k, v in classifier.state_dict().items()}
-        net.load_state_dict(state)
+        net.load_state_dict(as_final_exit(classifier))
         return net
 
     @property

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rbert.models.encoder import Encoder
+from rbert.models.multi_exit import as_final_exit
 
 
 class TokenHead(nn.Module):
@@ -69,9 +70,7 @@ class MultiExitTokenBert(nn.Module):
         """The plain token classifier as a multi-exit model with its final exit only (same weights)."""
         net = cls(classifier.bert, classifier.classifier.out_features, [classifier.bert.num_layers],
                   dropout=classifier.dropout.p)
-        state = {("exits.0." + k if k.startswith("classifier.") else k): v
-                 for k, v in classifier.state_dict().items()}
-        net.load_state_dict(state)
+        net.load_state_dict(as_final_exit(classifier))
         return net
 
     @property
