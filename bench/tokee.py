@@ -40,23 +40,26 @@ THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 TARGETS = (1.5, 2.0, 3.0, 4.0, 5.0)
 
 
-def sorted_batches(loader, size: int, limit: int | None) -> list[dict]:
+def sorted_batches(loader, size: int, pad_id: int) -> list[dict]:
     """The loader's rows regrouped into batches of ``size`` rows of similar length (no padding waste)."""
     import torch
 
     from rbert.inference.words import IGNORE
 
-    rows = [{k: v[i] for k, v in b.items()} for b in loader for i in range(len(b["input_ids"]))]
-    rows.sort(key=lambda r: int(r["attention_mask"].sum()))
+    rows = []
+    for b in loader:
+        for i in range(len(b["input_ids"])):
+            n = int(b["attention_mask"][i].sum())
+            rows.append({k: v[i, :n] if v.ndim == 2 else v[i] for k, v in b.items()})
+    rows.sort(key=lambda r: len(r["input_ids"]))
+    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
-        width = int(max(r["attention_mask"].sum() for r in chunk))
-        out.append({k: torch.stack([r[k][:width] for r in chunk]) if chunk[0][k].ndim else
-                    torch.stack([r[k] for r in chunk]) for k in chunk[0]})
-        out[-1]["labels"] = torch.where(out[-1]["attention_mask"].bool(), out[-1]["labels"], IGNORE)
-    if limit is not None and limit < len(out):
-        out = [out[int(i)] for i in np.linspace(0, len(out) - 1, limit)]
+        width = max(len(r["input_ids"]) for r in chunk)
+        out.append({k: torch.stack([torch.nn.functional.pad(r[k], (0, width - len(r[k])), value=pads[k])
+                                    for r in chunk]) if chunk[0][k].ndim else torch.stack([r[k] for r in chunk])
+                    for k in chunk[0]})
     return out
 
 
@@ -107,8 +110,9 @@ def evaluate(entry: dict, args) -> dict:
     system, train_cfg, trained = load_task_system(entry["checkpoint"])
     task, net, metric = system.task, system.net, system.task.monitor
     datamodule = build_datamodule(train_cfg, task, backbone=train_cfg.backbone)
-    select = sorted_batches(datamodule.selection_loader(), 32, None)
-    dev = sorted_batches(datamodule.eval_loader(0), 32, None)
+    pad = datamodule.tokenizer.pad_token_id
+    select = sorted_batches(datamodule.selection_loader(), 32, pad)
+    dev = sorted_batches(datamodule.eval_loader(0), 32, pad)
     plains = [e for e in RunRecord(RESULTS / f"{args.plan}.jsonl").entries() if e["name"] == "plain"]
     floor = next((e for e in plains if e["seed"] == entry["seed"]), plains[0])["per_exit"]["select"][-1]
     grid = []
