@@ -111,8 +111,8 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
 
     write_wnut(tmp_path)
     common = ["task=ner_wnut17", f"data_dir={tmp_path}", "trainer.max_epochs=3", "model.optimizer.lr=3e-3",
-              "eval.after_train=false", "data.batch_size=8", "data.eval_batch_size=8", "data.select_rows=12", "logger=none",
-              "test=false"]
+              "eval.after_train=false", "data.batch_size=8", "data.eval_batch_size=8", "data.select_rows=12",
+              "logger=none", "test=false"]
     record = RunRecord(tmp_path / "ner_wnut17.jsonl")
     for name in ("plain", "romebert"):
         run_cli(tmp_path / name, f"model={'bert' if name == 'plain' else name}", *common)
