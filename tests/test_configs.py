@@ -14,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from rbert.build import build_datamodule, build_system, build_task, instantiate_all
 from rbert.inference.policies import ExitPolicy
+from rbert.inference.token_policies import WindowEntropyExit
 from rbert.pretrain import own_vocabulary
 from rbert.systems import MaskedLM, TaskSystem
 from tests.tagging_files import write_ewt, write_wnut
@@ -121,7 +122,7 @@ def test_option_composes_and_instantiates(primary, group, option, glue_dir, text
         assert primary == "config"
         tokens = (batch["input_ids"].shape[1],) if task.kind == "tagging" else ()
         assert model(batch)[-1].shape == (size, *tokens, task.num_labels)
-        assert isinstance(hydra.utils.instantiate(cfg.exit_policy), ExitPolicy)
+        assert isinstance(hydra.utils.instantiate(cfg.exit_policy), (ExitPolicy, WindowEntropyExit))
     else:
         assert isinstance(model, MaskedLM) and primary == "pretrain"
         out = model(batch)
