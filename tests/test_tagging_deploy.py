@@ -44,8 +44,19 @@ def sharpen_tokens(net: MultiExitTokenBert, ids, mask, words, target: float = 0.
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tagger_folder(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"tagger-{request.param}")
-    folder = write_family(root, request.param)
+    """An exported tiny tagger of every family (the runtime parity test runs on each)."""
+    return export_tagger(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def bert_tagger(tmp_path_factory):
+    """One family's, for what does not depend on the family (windows, the endpoint, TOKEE's runtime)."""
+    return export_tagger(tmp_path_factory, "bert")
+
+
+def export_tagger(tmp_path_factory, family: str):
+    root = tmp_path_factory.mktemp(f"tagger-{family}")
+    folder = write_family(root, family)
     torch.manual_seed(0)
     net = MultiExitTokenBert(load_encoder(str(folder)), num_labels=len(TAGS)).eval()
     tokenizer = load_tokenizer(str(folder))
@@ -87,14 +98,16 @@ def test_onnx_and_pytorch_runtimes_answer_the_same_tags_and_exits(tagger_folder,
         assert min(a["exit_layer"] for a in batched) < pt.spec.exit_layers[-1]
 
 
-def test_long_sentences_are_windowed_not_truncated(tagger_folder):
+def test_long_sentences_are_windowed_not_truncated(bert_tagger):
+    tagger_folder = bert_tagger
     long = (["john", "smith"] + FILLER) * 8  # 80 words, max_length 16
     model = OnnxEarlyExitModel.from_pretrained(tagger_folder)
     (answer,) = model.predict([long])
     assert answer["words"] == long and len(answer["tags"]) == 80
 
 
-def test_endpoint_answers_words_and_text_and_refuses_bad_requests(tagger_folder):
+def test_endpoint_answers_words_and_text_and_refuses_bad_requests(bert_tagger):
+    tagger_folder = bert_tagger
     app = create_app(OnnxEarlyExitModel.from_pretrained(tagger_folder), Limits(max_texts=4))
     with TestClient(app) as client:
         ok = client.post("/predict", json={"texts": ["John Smith went to Paris.", ["new", "york"]]})
@@ -142,7 +155,8 @@ def test_predict_and_export_from_a_trained_tagger(tmp_path):
     assert answer["words"] == words and len(answer["exit_layers"]) == len(words)
 
 
-def test_token_level_exit_runs_on_the_pytorch_runtime(tagger_folder):
+def test_token_level_exit_runs_on_the_pytorch_runtime(bert_tagger):
+    tagger_folder = bert_tagger
     from rbert.deploy import FolderError
     from rbert.inference.policies import NoExit
 
