@@ -69,10 +69,17 @@ class Plan:
 
 
 PLAIN = ["model=bert"]
-TEACHER = "{plain_checkpoint}"  # replaced by the checkpoint of the recorded plain run of the same seed
+PLAIN_CKPT = "{plain_checkpoint}"  # replaced by the checkpoint of the recorded plain run of the same seed
 STATIC = {f"static-{k}": ["model=bert", f"model.net.bert.num_layers={k}"] for k in (2, 3, 4)}
 SST2 = ["task=sst2", "data_dir=../shared/data/glue", "data.train_limit=16000", "data.select_rows=2000",
         "trainer.max_epochs=1", "eval.after_train=false", "logger=csv"]
+
+
+def deebert_on_plain(epochs: int) -> list[str]:
+    """DeeBERT's exits on the recorded plain model of the same seed (stage 1 skipped)."""
+    return ["model=deebert", f"model.init_from={PLAIN_CKPT}", f"model.stage_epochs=[0,{epochs}]"]
+
+
 MULTI_EXIT = {"romebert": ["model=romebert"], "deebert": ["model=deebert"], "pabee": ["model=pabee"]}
 PLANS = {
     # SST-2 at the default budget: 16,000 training rows (after 2,000 held out), 1 epoch.
@@ -84,8 +91,8 @@ PLANS = {
         # The plain model as Hugging Face's BertForSequenceClassification has it (the [CLS] pooler),
         # which an Optimum export can reproduce (bench/deploy_int8.py).
         "plain-cls": [*PLAIN, "model.net.pooling=cls"],
-        "romebert-teacher": ["model=romebert", f"model.teacher={TEACHER}"],
-        "static-3-teacher": [*STATIC["static-3"], f"model.teacher={TEACHER}"],
+        "romebert-teacher": ["model=romebert", f"model.teacher={PLAIN_CKPT}"],
+        "static-3-teacher": [*STATIC["static-3"], f"model.teacher={PLAIN_CKPT}"],
         "romebert-lr2e-4": ["model=romebert", "model.optimizer.lr=2e-4"],
         "romebert-lr5e-5": ["model=romebert", "model.optimizer.lr=5e-5"],
         "plain-lr5e-5": [*PLAIN, "model.optimizer.lr=5e-5"],
@@ -109,12 +116,14 @@ PLANS = {
                   "romebert": MULTI_EXIT["romebert"], "pabee": MULTI_EXIT["pabee"]}),
     # Sequence labelling (sentence-level early exit, SENTEE): every training sentence but those
     # held out, the issue's epochs; the same configurations, token heads picked by the task.
+    # "deebert-ft": DeeBERT's second stage on the plain run of the same seed (its final exit *is*
+    # the plain model), the exits trained as long as the plain model was.
     "pos_ewt": Plan(["task=pos_ewt", "data_dir=../shared/data/tagging", "data.select_rows=1000",
                      "trainer.max_epochs=3", "eval.after_train=false", "logger=csv"],
-                    {"plain": PLAIN, **STATIC, **MULTI_EXIT}),
+                    {"plain": PLAIN, "deebert-ft": deebert_on_plain(3), **STATIC, **MULTI_EXIT}),
     "ner_wnut17": Plan(["task=ner_wnut17", "data_dir=../shared/data/tagging", "data.select_rows=400",
                         "trainer.max_epochs=5", "eval.after_train=false", "logger=csv"],
-                       {"plain": PLAIN, **STATIC, **MULTI_EXIT}),
+                       {"plain": PLAIN, **STATIC, **MULTI_EXIT, "deebert-ft": deebert_on_plain(5)}),
 }
 
 
@@ -295,12 +304,12 @@ def run(args) -> None:
                 continue
             plains = [e for e in record.entries() if e["name"] == "plain"]
             floor = next((e for e in plains if e["seed"] == seed), plains[0] if plains else None)
-            if any(TEACHER in o for o in full):
-                teacher = next((e for e in plains if e["seed"] == seed and Path(e["checkpoint"]).is_file()), None)
-                if teacher is None:
+            if any(PLAIN_CKPT in o for o in full):
+                plain_run = next((e for e in plains if e["seed"] == seed and Path(e["checkpoint"]).is_file()), None)
+                if plain_run is None:
                     print(f"{key}: skipped, it needs the checkpoint of plain seed {seed} (run it in this session)")
                     continue
-                full = [o.replace(TEACHER, teacher["checkpoint"]) for o in full]
+                full = [o.replace(PLAIN_CKPT, plain_run["checkpoint"]) for o in full]
             run_dir = REPO / "logs" / "frontier" / args.plan / key
             print(f"{key}: training ({' '.join(full)}) in {run_dir}", flush=True)
             start = time.time()

@@ -46,6 +46,8 @@ def fit(cfg: DictConfig, system, datamodule, loggers: list, ckpt_path: str | Non
     resume = ckpt_path
     trainer, checkpoints = None, []
     for stage in range(first, system.num_stages):
+        if system.stage_overrides(stage).get("max_epochs") == 0:
+            continue  # a stage given no epochs (DeeBERT's first, on a model fine-tuned before: init_from)
         trainer, checkpoints = make_trainer(cfg, system, loggers, stage)
         trainer.fit(system, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         if system.continue_data and hasattr(datamodule, "continue_from"):

@@ -33,6 +33,7 @@ FINE_TUNING = [
     (["model.gamma=2"], "model.gamma must lie in [0, 1]"),
     (["model.temperature=0"], "model.temperature be > 0"),
     (["model=deebert", "model.stage_epochs=[1]"], "model.stage_epochs must give two epoch counts"),
+    (["model=deebert", "model.stage_epochs=[0,1]"], "give model.init_from"),
     (["task.labels=[0,0]"], "task sst2: task.labels ['0', '0'] name a label twice"),
     (["mode=pretrain"], "mode=pretrain needs --config-name pretrain"),
     (["mode=nope"], "mode: unknown mode 'nope'"),

@@ -140,6 +140,22 @@ def test_a_teacher_is_distilled_from_and_stays_out_of_the_checkpoint(glue_dir, t
     proc = run_cli(tmp_path / "bad", "model=bert", f"model.teacher={tmp_path / 'missing.ckpt'}", *common, check=False)
     assert proc.returncode != 0 and "model.teacher" in proc.stderr + proc.stdout
 
+    # DeeBERT's second stage on that fine-tuned model: backbone and final exit are its weights, unchanged.
+    run_cli(tmp_path / "exits", "model=deebert", f"model.init_from={teacher}", "model.stage_epochs=[0,1]", *common)
+    plain = torch.load(teacher, map_location="cpu", weights_only=True)["state_dict"]
+    found = sorted((tmp_path / "exits" / "checkpoints").rglob("last.ckpt"))
+    assert [p.parent.name for p in found] == ["stage2"]  # the skipped stage wrote nothing
+    ckpt = torch.load(found[0], map_location="cpu", weights_only=True)
+    exits = ckpt["state_dict"]
+    last = max(int(k.split(".")[2]) for k in exits if k.startswith("net.exits."))
+    assert ckpt["rbert_stage"] == 1 and last == 3
+    for key, value in plain.items():
+        mine = key.replace("net.classifier.", f"net.exits.{last}.classifier.")
+        torch.testing.assert_close(exits[mine], value, rtol=0, atol=0, msg=key)
+    proc = run_cli(tmp_path / "bad2", "model=deebert", f"model.init_from={tmp_path / 'exits' / 'checkpoints'}",
+                   "model.stage_epochs=[0,1]", *common, check=False)
+    assert proc.returncode != 0 and "model.init_from" in proc.stderr + proc.stdout
+
 
 def test_teacher_logits_replace_the_final_exit_as_romebert_target():
     from rbert.systems import RomeBERT

@@ -68,12 +68,19 @@ def test_engine_equals_the_masked_computation(family, threshold, window, tmp_pat
     pieces = owner >= 0
     assert torch.equal(fast.exit_layer[pieces], fast.exit_layer.gather(1, owner.clamp_min(0))[pieces])
     assert (fast.exit_layer[mask == 0] == 0).all()
-    # each row on its own answers the same
+    # each row on its own (batch size 1's lean path, with and without trailing padding) answers the same
+    counted = 0
     for r in range(len(ids)):
         n = int(mask[r].sum())
         alone = TokenEarlyExit(net, rule)(ids[r:r + 1, :n], mask[r:r + 1, :n], None, owner[r:r + 1, :n])
         assert torch.equal(alone.exit_layer[0], fast.exit_layer[r, :n])
         assert (alone.logits[0] - fast.logits[r, :n]).abs().max() < 1e-4
+        padded = TokenEarlyExit(net, rule)(ids[r:r + 1], mask[r:r + 1], None, owner[r:r + 1])
+        assert torch.equal(padded.exit_layer[0], fast.exit_layer[r])
+        assert (padded.logits[0] - fast.logits[r]).abs().max() < 1e-4
+        assert padded.token_layers == alone.token_layers and padded.full_token_layers == alone.full_token_layers
+        counted += alone.token_layers
+    assert counted == fast.token_layers
 
 
 def test_extreme_thresholds_give_the_first_and_the_last_exit(tmp_path):
@@ -87,6 +94,12 @@ def test_extreme_thresholds_give_the_first_and_the_last_exit(tmp_path):
     always = TokenEarlyExit(net, WindowEntropyExit(1.0))(ids, mask, None, owner)
     assert (always.logits[words] - every[0][words]).abs().max() < 1e-4
     assert (always.exit_layer[owner >= 0] == 1).all()
+    # a sentence without words (only [CLS] [SEP]) leaves at the first exit, by both paths
+    empty = ids[:1, :2], mask[:1, :2], None, torch.tensor([[-1, -1]])
+    for engine in (TokenEarlyExit(net, WindowEntropyExit(0.4, 1)), TokenEarlyExit(net, WindowEntropyExit(0.4, 1),
+                                                                                   masked=True)):
+        out = engine(*empty)
+        assert out.exit_layer.tolist() == [[1, 1]] and out.token_layers == 2 and not out.logits.any()
 
 
 def test_window_rule_and_ceiling():

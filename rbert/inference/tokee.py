@@ -9,6 +9,10 @@ rows, everything else for the running tokens only, gathered across the batch. ``
 words attend to them). A row whose words have all left is dropped from the batch, and
 trailing padding no running row needs is cut, as in the sentence-level engine.
 
+One sentence at a time (batch size 1, no padding inside) takes a lean path with the same
+answers: word bookkeeping in NumPy, active columns instead of masks, no row dropping; at
+this size each layer is a few milliseconds and every small op of the batched path shows.
+
 ``masked=True`` computes the same thing the expensive way (every layer on every token, then
 the halted tokens' states put back): the reference the tests hold the engine to.
 
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rbert.inference.token_policies import WindowEntropyExit
-from rbert.models.halting import halted_step
+from rbert.models.halting import ActiveTokens, halted_step
 from rbert.models.token_heads import MultiExitTokenBert
 
 
@@ -74,7 +78,60 @@ class TokenEarlyExit:
         """``owner``: per token, the column of its word's first piece (-1: a special token or
         padding), e.g. :func:`first_piece_owner`."""
         with torch.inference_mode():
+            if len(input_ids) == 1 and not self.masked:
+                length = int(attention_mask.sum())
+                if bool(attention_mask[0, :length].all()):  # padding, if any, only at the end
+                    return self._run_one(input_ids, attention_mask, token_type_ids, owner, length)
             return self._run(input_ids, attention_mask, token_type_ids, owner)
+
+    def _run_one(self, input_ids, attention_mask, token_type_ids, owner, length: int) -> TokenExitResult:
+        """One row whose first ``length`` tokens are real: :meth:`_run`'s answers, leaner."""
+        width = input_ids.shape[1]
+        own = owner[0, :length].cpu().numpy()
+        cols = np.arange(length)
+        first_col = np.flatnonzero(own == cols)  # word slot -> its first piece's column
+        slot = np.full(length, -1)
+        slot[first_col] = np.arange(len(first_col))
+        word_of = np.where(own >= 0, slot[own.clip(0)], -1)  # token -> word slot (-1: special)
+        entropy = np.full((1, len(first_col)), np.nan)
+        present = np.ones_like(entropy, dtype=bool)
+        done = np.zeros(len(first_col), dtype=bool)
+        running = np.ones(length, dtype=bool)  # tokens still computed
+        exit_layer = np.zeros(width, dtype=np.int64)
+        logits_out = None
+
+        types = token_type_ids[:, :length] if token_type_ids is not None else None
+        hidden = self.bert.embed(input_ids[:, :length], types)
+        bias = None  # no padding: every token is a key
+        where, computed = None, 0  # where: None while every token runs
+        for n, layer in enumerate(self.layers, start=1):
+            hidden = layer(hidden, bias) if where is None else halted_step(layer, hidden, where, bias)
+            computed += int(running.sum())
+            exit_layer[:length][running] = n
+            if n not in self.heads:
+                continue
+            live = np.flatnonzero(~done)
+            if not len(live):  # a row without words leaves at the first exit, as in _run
+                break
+            z = F.linear(hidden[0, torch.from_numpy(first_col[live])], *self.heads[n])
+            if logits_out is None:
+                logits_out = z.new_zeros(1, width, z.shape[-1])
+            logp = torch.log_softmax(z.float(), dim=-1)
+            entropy[0, live] = (-(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])).numpy()
+            if n == self.last:
+                leave = np.ones(len(live), dtype=bool)
+            else:
+                leave = self.rule.decide(entropy, present, self.order[n])[0][live]
+            logits_out[0, torch.from_numpy(first_col[live[leave]])] = z[torch.from_numpy(leave)].to(logits_out.dtype)
+            done[live[leave]] = True
+            if done.all():
+                break
+            running = (word_of < 0) | ~done[word_of.clip(0)]  # special tokens run while any word does
+            where = ActiveTokens.of_row(torch.from_numpy(np.flatnonzero(running)).to(hidden.device))
+        if logits_out is None:  # a row without words
+            logits_out = hidden.new_zeros(1, width, self.heads[self.last][0].shape[0])
+        return TokenExitResult(logits_out, torch.from_numpy(exit_layer[None]).to(input_ids.device), computed,
+                               length * len(self.layers))
 
     def _run(self, input_ids, attention_mask, token_type_ids, owner) -> TokenExitResult:
         batch, width = input_ids.shape

@@ -40,6 +40,16 @@ class ActiveTokens:
         self.slots = torch.arange(len(self.rows), device=active.device) - starts[self.rows]
         self.batch = active.shape[0]
 
+    @classmethod
+    def of_row(cls, cols: torch.Tensor) -> ActiveTokens:
+        """The active columns ``cols`` (ascending) of a batch of one row, without building a mask:
+        batch size 1's engine calls this at every layer, where each small op shows."""
+        where = cls.__new__(cls)
+        where.rows, where.cols = torch.zeros_like(cols), cols
+        where.slots = torch.arange(len(cols), device=cols.device)
+        where.width, where.batch = len(cols), 1
+        return where
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                heads: int) -> torch.Tensor:
         """Attention of the active tokens' queries ``q`` ``(active, hidden)`` over every token's keys
@@ -50,6 +60,10 @@ class ActiveTokens:
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, seq, heads, d).transpose(1, 2)
 
+        if batch == 1:  # one row: its active tokens are the whole query block, in order
+            out = F.scaled_dot_product_attention(q.view(1, -1, heads, d).transpose(1, 2), split(k), split(v),
+                                                 attn_mask=bias)
+            return out.transpose(1, 2).reshape(-1, dim)
         block = q.new_zeros(batch, self.width, heads, d)
         block[self.rows, self.slots] = q.view(-1, heads, d)
         out = F.scaled_dot_product_attention(block.transpose(1, 2), split(k), split(v), attn_mask=bias)
@@ -82,11 +96,12 @@ def _distilbert(block: TransformerBlock, hidden: torch.Tensor, where: ActiveToke
     return block.output_layer_norm(block.ffn(a) + a)
 
 
-def halted_step(layer: nn.Module, hidden: torch.Tensor, active: torch.Tensor,
+def halted_step(layer: nn.Module, hidden: torch.Tensor, active: torch.Tensor | ActiveTokens,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """``layer`` applied to the ``active`` tokens (a ``(batch, seq)`` bool mask) of ``hidden``;
-    the others keep their state. Returns a new tensor. For inference (no dropout)."""
-    where = ActiveTokens(active)
+    """``layer`` applied to the ``active`` tokens (a ``(batch, seq)`` bool mask, or their
+    :class:`ActiveTokens`) of ``hidden``; the others keep their state. Returns a new tensor.
+    For inference (no dropout)."""
+    where = active if isinstance(active, ActiveTokens) else ActiveTokens(active)
     out = hidden.clone()
     if len(where.rows) == 0:
         return out

@@ -63,10 +63,11 @@ def own_pooler(bert: Encoder) -> BertPooler:
     return pooler
 
 
-def as_final_exit(classifier: nn.Module) -> dict[str, torch.Tensor]:
-    """A single-exit classifier's weights named as a one-exit multi-exit model's (its
-    ``classifier.*`` becomes exit 0's)."""
-    return {("exits.0." + k if k.startswith("classifier.") else k): v for k, v in classifier.state_dict().items()}
+def as_final_exit(classifier: nn.Module, index: int = 0) -> dict[str, torch.Tensor]:
+    """A single-exit classifier's weights named as a multi-exit model's whose final exit is
+    number ``index`` (its ``classifier.*`` becomes that exit's)."""
+    return {(f"exits.{index}." + k if k.startswith("classifier.") else k): v
+            for k, v in classifier.state_dict().items()}
 
 
 class MultiExitBert(nn.Module):

@@ -26,12 +26,22 @@ from rbert.systems.distill import Teacher, check_kd, kd_term
 
 
 class MultiExitSystem(TaskSystem):
-    """Base: a multi-exit network whose ``forward`` returns every exit's logits."""
+    """Base: a multi-exit network whose ``forward`` returns every exit's logits.
+
+    ``init_from``: a fine-tuned single-exit checkpoint of the same task and backbone (the
+    plain ``model=bert`` run): its backbone and classifier become this model's backbone and
+    final exit when training starts, the internal exits keep their fresh initialisation. With
+    DeeBERT and ``model.stage_epochs=[0, N]`` this is DeeBERT's second stage on a model the
+    user already fine-tuned: the final exit *is* that model, so early exit is judged against
+    exactly what it replaces, and the first stage's epochs are not spent twice.
+    """
 
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
-                 warmup_ratio: float = 0.1, self_sampling: dict | None = None):
+                 warmup_ratio: float = 0.1, self_sampling: dict | None = None, init_from: str | None = None):
         super().__init__(task, optimizer, warmup_ratio, exit_layers=net.exit_layers)
         self.net = net
+        self.init_from = str(init_from) if init_from else None
+        self._initialised = False
         self.self_sampling = None
         if self_sampling:  # token-level early exit's fine-tuning (rbert/systems/self_sampling.py)
             if task.kind != "tagging":
@@ -39,6 +49,35 @@ class MultiExitSystem(TaskSystem):
             from rbert.systems.self_sampling import SelfSampling
 
             self.self_sampling = SelfSampling(**dict(self_sampling))
+
+    def setup(self, stage: str) -> None:
+        # Here, not in __init__: a checkpoint rebuilt for inference must not open init_from
+        # again, and a resumed run restores its own weights after this (Lightning's order).
+        if stage == "fit" and self.init_from and not self._initialised:
+            self.load_fine_tuned(self.init_from)
+        self._initialised = True
+
+    def load_fine_tuned(self, ckpt_path: str) -> None:
+        """Backbone and final exit from a fine-tuned single-exit checkpoint (see the class docstring)."""
+        from rbert.build import load_system  # systems are built by rbert.build: import at use
+        from rbert.models.multi_exit import as_final_exit
+
+        try:
+            plain, _, _ = load_system(ckpt_path)
+        except ConfigError as err:
+            raise ConfigError(f"model.init_from: {err}") from err
+        if getattr(plain, "task", None) is None or plain.task.num_labels != self.task.num_labels \
+                or isinstance(plain, MultiExitSystem):
+            raise ConfigError(f"model.init_from: {ckpt_path} is not a single-exit model fine-tuned with "
+                              f"{self.task.num_labels} label(s) (model=bert on task {self.task.name})")
+        weights = as_final_exit(plain.net, len(self.net.exits) - 1)
+        own = self.net.state_dict()
+        misfit = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)
+        untouched = sorted(k for k in own.keys() - weights.keys() if not k.startswith("exits."))
+        if misfit or untouched:
+            raise ConfigError(f"model.init_from: {ckpt_path} does not fit this model ({(misfit or untouched)[0]}"
+                              f" {'differs' if misfit else 'is missing there'}): same backbone and num_layers?")
+        self.net.load_state_dict(weights, strict=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         if self.training and self.self_sampling is not None:  # words halted as they would at inference
@@ -69,10 +108,14 @@ class DeeBERT(MultiExitSystem):
     """
 
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
-                 warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1), self_sampling: dict | None = None):
-        super().__init__(task, net, optimizer, warmup_ratio, self_sampling)
-        if len(stage_epochs) != 2:
+                 warmup_ratio: float = 0.1, stage_epochs: tuple[int, int] = (1, 1), self_sampling: dict | None = None,
+                 init_from: str | None = None):
+        super().__init__(task, net, optimizer, warmup_ratio, self_sampling, init_from)
+        if len(stage_epochs) != 2 or min(stage_epochs) < 0:
             raise ConfigError(f"model.stage_epochs must give two epoch counts, got {stage_epochs}")
+        if stage_epochs[0] == 0 and not init_from:
+            raise ConfigError("model.stage_epochs=[0, N] skips the stage that trains the backbone and final exit: "
+                              "give model.init_from=<a fine-tuned model=bert checkpoint>")
         self.stage_epochs = list(stage_epochs)
         self.set_stage(0)
 
@@ -126,8 +169,9 @@ class RomeBERT(MultiExitSystem):
     def __init__(self, task: TaskSpec, net: MultiExitBert, optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_ratio: float = 0.1, self_distillation: bool = True, temperature: float = 3.0,
                  gamma: float = 0.9, gradient_regularization: bool = True, anchor: str = "auto",
-                 kd_reduction: str = "mean", teacher: str | None = None, self_sampling: dict | None = None):
-        super().__init__(task, net, optimizer, warmup_ratio, self_sampling)
+                 kd_reduction: str = "mean", teacher: str | None = None, self_sampling: dict | None = None,
+                 init_from: str | None = None):
+        super().__init__(task, net, optimizer, warmup_ratio, self_sampling, init_from)
         check_kd(temperature, gamma, kd_reduction)
         if anchor == "auto":
             anchor = "final" if task.name in ("mnli", "qqp") else "exits"
