@@ -5,6 +5,7 @@ exit layers, bs=1 and batched, every family), long sentences in windows, the end
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -157,7 +158,6 @@ def test_predict_and_export_from_a_trained_tagger(tmp_path):
 
 def test_token_level_exit_runs_on_the_pytorch_runtime(bert_tagger):
     tagger_folder = bert_tagger
-    from rbert.deploy import FolderError
     from rbert.inference.policies import NoExit
 
     texts = SENTENCES * 2 + [(["john", "smith"] + FILLER) * 8]  # the last one in windows
@@ -171,5 +171,25 @@ def test_token_level_exit_runs_on_the_pytorch_runtime(bert_tagger):
     for answer in answers:
         assert len(answer["exit_layers"]) == len(answer["words"]) and answer["exit_layer"] == max(answer["exit_layers"])
     assert len({layer for a in answers for layer in a["exit_layers"]}) > 1  # words leave at different exits
-    with pytest.raises(FolderError, match="token-level early exit.*runs on the PyTorch runtime"):
-        OnnxEarlyExitModel.from_pretrained(tagger_folder, policy={"name": "window_entropy", "threshold": 0.5})
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.6, "window": 1}, {"threshold": [0.3, 0.7], "window": 0}])
+def test_token_level_exit_on_onnx_answers_what_pytorch_does(tagger_folder, rule):
+    policy = {"name": "window_entropy", **rule}
+    texts = SENTENCES * 2 + [(["john", "smith"] + FILLER) * 8, "John Smith went to New York, then Paris!"]
+    answers = EarlyExitModel.from_pretrained(tagger_folder, policy=policy).predict(texts, batch_size=4)
+    assert OnnxEarlyExitModel.from_pretrained(tagger_folder, policy=policy).predict(texts, batch_size=4) == answers
+    assert len({layer for a in answers for layer in a["exit_layers"]}) > 1  # words leave at different exits
+
+
+def test_onnx_refuses_token_level_exit_without_its_graphs(bert_tagger, tmp_path):
+    from rbert.deploy import FolderError
+
+    old = tmp_path / "old"
+    shutil.copytree(bert_tagger, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["rbert_early_exit"]["onnx"]["halted"]  # a folder exported before the per-layer graphs
+    (old / "config.json").write_text(json.dumps(config))
+    OnnxEarlyExitModel.from_pretrained(old)  # sentence-level exit still runs
+    with pytest.raises(FolderError, match="token-level early exit.*needs the per-layer graphs"):
+        OnnxEarlyExitModel.from_pretrained(old, policy={"name": "window_entropy", "threshold": 0.5})

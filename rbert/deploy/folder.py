@@ -10,7 +10,8 @@ Layout (Hugging Face's, for a custom architecture):
   exit policy with its threshold (chosen at export time), the text fields and the maximum length;
 * ``model.safetensors``: the multi-exit model's weights, by name; ``modeling_rbert.py``;
 * the tokenizer's files;
-* ``onnx/``: one graph per consulted exit, the first with the embeddings (see :mod:`rbert.deploy.onnx_export`).
+* ``onnx/``: one graph per consulted exit, the first with the embeddings; a tagger's also one
+  graph per later layer for token-level exit (see :mod:`rbert.deploy.onnx_export`).
 
 A folder is data handed in by a user: :func:`read_spec` checks every field it reads and
 names the file and field at fault; no name in it is ever imported or instantiated.
@@ -163,6 +164,18 @@ def check_onnx(folder: Path, spec: DeploySpec) -> None:
     if [s["exit"] for s in segments] != spec.consulted_exits:
         raise FolderError(f"{where}.segments end at layers {[s['exit'] for s in segments]}, not at "
                           f"consulted_exits {spec.consulted_exits}")
+    halted = spec.onnx.get("halted")
+    if halted is not None:  # a tagger's per-layer graphs for token-level exit
+        layers = list(range(spec.consulted_exits[0] + 1, spec.consulted_exits[-1] + 1))
+        if not isinstance(halted, list) or not all(isinstance(h, dict) and set(h) == {"file", "layer", "exit"}
+                                                   for h in halted):
+            raise FolderError(f"{where}.halted = {halted!r}: expected a list of {{file, layer, exit}}")
+        if [h["layer"] for h in halted] != layers or any(h["exit"] != (h["layer"] in spec.consulted_exits)
+                                                         for h in halted):
+            raise FolderError(f"{where}.halted: layers {[h['layer'] for h in halted]}; expected {layers}, "
+                              "with exit true where an exit is consulted")
+        for i, h in enumerate(halted):
+            inside(h["file"], f"halted[{i}].file")
     fused = spec.onnx.get("fused")
     if fused is not None:
         if not isinstance(fused, dict) or set(fused) != {"file", "policy"} or not isinstance(fused["policy"], dict):

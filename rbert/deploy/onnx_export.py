@@ -10,6 +10,11 @@ others only, as the PyTorch engine does between layers. Batch and sequence axes 
 dynamic. Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), opset
 :data:`OPSET`.
 
+A tagger also gets token-level early exit's graphs (:func:`export_halted`): one per layer
+after the first consulted exit, ``(hidden, cols) -> hidden_out[, logits]``, which computes
+the layer for the columns ``cols`` of one sentence (keys and values for all of its tokens:
+:func:`rbert.models.halting.halted_step`), so that a word that left costs that layer nothing.
+
 The graphs are built from the encoder interface (``embed``, ``attention_bias``,
 ``layers``), so every backbone family exports the same way; ALBERT's shared layer is
 exported once per application.
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from rbert.models.classifier import pool
+from rbert.models.halting import ActiveTokens, halted_step
 from rbert.models.multi_exit import MultiExitBert
 from rbert.models.token_heads import MultiExitTokenBert
 
@@ -64,9 +70,25 @@ class FirstSegment(Segment):
         return super().forward(self.bert.embed(input_ids, token_type_ids), attention_mask)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+class HaltedLayer(nn.Module):
+    """Layer ``layer`` (1-based) of one sentence for its running tokens ``cols`` (ascending), and
+    the exit after it, if that exit is consulted (logits for every token: a few multiply-adds
+    a token, so the runtime needs no second graph to read the words it asks about)."""
+
+    def __init__(self, net: MultiExitTokenBert, layer: int, exit: bool):
+        super().__init__()
+        self.layer = next(islice(net.bert.layers, layer - 1, layer))
+        self.head = net.exits[net.exit_layers.index(layer)] if exit else None
+
+    def forward(self, hidden: torch.Tensor, cols: torch.Tensor):
+        hidden = halted_step(self.layer, hidden, ActiveTokens.of_row(cols), None)
+        return hidden if self.head is None else (hidden, self.head(hidden))
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            shapes: tuple | None = None) -> None:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    shapes = tuple({0: batch, 1: seq} for _ in args)
+    shapes = shapes or tuple({0: batch, 1: seq} for _ in args)
     # The exporter reports each pass on stdout and warns about optional operator sets
     # (torchvision's), and onnx_ir logs each pass; an export that fails still raises.
     for name in ("torch.onnx", "onnx_ir", "onnxscript"):
@@ -116,9 +138,28 @@ def export_onnx(net: MultiExitBert, consulted: list[int], folder: Path, policy: 
         segments.append({"file": name, "first": first, "exit": layer})
         first = layer + 1
     section = {"opset": OPSET, "exporter": EXPORTER, "segments": segments}
+    if isinstance(net, MultiExitTokenBert):
+        section["halted"] = export_halted(net, consulted, folder)
     if policy is not None:
         write_fused(folder, section, policy, net.exits[0].classifier.out_features)
     return section
+
+
+@torch.no_grad()
+def export_halted(net: MultiExitTokenBert, consulted: list[int], folder: Path) -> list[dict]:
+    """``onnx/halted_<layer>.onnx`` for each layer after the first consulted exit (the layers
+    up to it run every token, in the first segment's graph); returns their entries for the
+    ``onnx`` section. They hold a second copy of those layers' weights."""
+    hidden = torch.randn(1, 8, net.bert.hidden_size)
+    cols = torch.tensor([1, 2, 4, 6, 7])  # neither 0 nor 1 long, nor as long as the sentence: kept symbolic
+    shapes = ({1: torch.export.Dim("seq")}, {0: torch.export.Dim("active")})
+    entries = []
+    for layer in range(consulted[0] + 1, consulted[-1] + 1):
+        name, exit = f"onnx/halted_{layer}.onnx", layer in consulted
+        _export(HaltedLayer(net, layer, exit).eval(), (hidden, cols), folder / name, ["hidden", "cols"],
+                ["hidden_out", "logits"] if exit else ["hidden_out"], shapes)
+        entries.append({"file": name, "layer": layer, "exit": exit})
+    return entries
 
 
 def write_fused(folder: Path, section: dict, policy: dict, num_labels: int) -> None:

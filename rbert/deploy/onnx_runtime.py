@@ -10,6 +10,11 @@ same graphs run instead as one composed graph with the rule inside
 folder holds that graph for the exported policy; another policy's is composed when the
 runtime loads (with the ``onnx`` package, where it is installed).
 
+A tagger with token-level exit (TOKEE) runs sentence by sentence: the first segment's graph
+(every token, up to the first consulted exit), then one graph per layer over the columns
+still running (:func:`rbert.deploy.onnx_export.export_halted`), the words walked as the
+PyTorch engine's batch-size-1 path walks them (:class:`rbert.inference.word_exits.WordExits`).
+
 The graphs run in onnxruntime (the CPU provider by default; any provider by option). The
 policies decide on Python floats at batch size 1 (``decide_one``) and on the graphs' NumPy
 logits batched, and the tokenizer is the folder's ``tokenizer.json`` in ``tokenizers``
@@ -29,6 +34,7 @@ from rbert.deploy.folder import DeploySpec, FolderError, read_spec
 from rbert.deploy.predictor import Predictor, folder_policy
 from rbert.deploy.tokenizer import FolderTokenizer
 from rbert.inference.policies import POLICIES, ExitPolicy, policy_to_dict, take_rows
+from rbert.inference.word_exits import WordExits, normalised_entropy
 
 
 class OnnxEarlyExitModel(Predictor):
@@ -51,10 +57,10 @@ class OnnxEarlyExitModel(Predictor):
         import onnxruntime as ort
 
         self.spec, self.tokenizer, self.policy = spec, tokenizer, policy
-        if self.token_level:
-            raise FolderError(f"policy: {policy.describe()} (token-level early exit) runs on the PyTorch "
-                              "runtime (EarlyExitModel; rbert-serve --runtime torch): the exported graphs compute "
-                              "every token of a layer, so a word that left would save nothing here")
+        if self.token_level and spec.onnx.get("segments") and spec.onnx.get("halted") is None:
+            raise FolderError(f"{folder}: policy {policy.describe()} (token-level early exit) needs the per-layer "
+                              "graphs of a newer export (mode=export again), or the PyTorch runtime "
+                              "(rbert-serve --runtime torch)")
         policy.check(spec.num_labels, len(spec.consulted_exits))
         options = ort.SessionOptions()
         if threads:
@@ -79,6 +85,9 @@ class OnnxEarlyExitModel(Predictor):
         # The graphs to run: one per exit the policy consults. Full depth (NoExit) runs every
         # graph, since each holds its layers; only the last one's answer counts.
         self.segments = [(s.exit, session(s.file)) for s in spec.segments]
+        # token-level exit's per-layer graphs: (layer, whether its exit is consulted, session)
+        self.halted = [(h["layer"], h["exit"], session(h["file"])) for h in onnx.get("halted", [])
+                       ] if self.token_level else []
         # The token inputs of the first graph (the exporter drops the ones a family ignores).
         self.token_inputs = [i.name for i in self.segments[0][1].get_inputs() if i.name != "attention_mask"]
         self.last = spec.consulted_exits[-1]
@@ -131,6 +140,10 @@ class OnnxEarlyExitModel(Predictor):
             token_type_ids = np.zeros_like(input_ids)
         tokens = {"input_ids": input_ids, "token_type_ids": token_type_ids}
         feeds = {name: tokens[name] for name in self.token_inputs}
+        if self.token_level:
+            if owner is None:
+                raise ValueError("owner: token-level exit needs each token's word (its first piece's column)")
+            return self._tokens(feeds, attention_mask, owner)
         if self.spec.tagging:
             if words is None:
                 raise ValueError("words: a tagger's early exit needs the mask of the words' first pieces")
@@ -182,6 +195,40 @@ class OnnxEarlyExitModel(Predictor):
             length = int(mask.sum(axis=1).max())
             feeds["hidden"] = np.ascontiguousarray(hidden[keep, :length])
             mask, words = np.ascontiguousarray(mask[:, :length]), words[:, :length]
+        return out, exit_layer
+
+    def _tokens(self, feeds: dict[str, np.ndarray], mask: np.ndarray, owner: np.ndarray):
+        """TOKEE, one sentence at a time (a layer's graph takes one sentence's running columns):
+        logits at each word's first piece from the exit it left at, and each token's exit layer."""
+        batch, width = mask.shape
+        first, session = self.segments[0]
+        out = exit_layer = None
+        for r in range(batch):
+            length = int(mask[r].sum())
+            walk = WordExits(owner[r, :length], self.policy)
+            row = {name: np.ascontiguousarray(v[r:r + 1, :length]) for name, v in feeds.items()}
+            hidden, logits = session.run(None, {**row, "attention_mask": np.ones((1, length), dtype=mask.dtype)})
+            if out is None:
+                out = np.zeros((batch, width, logits.shape[-1]), dtype=np.float32)
+                exit_layer = np.zeros((batch, width), dtype=np.int64)
+            exit_layer[r, :length] = first
+            layer, index, graphs = first, 0, iter(self.halted)
+            while True:
+                if logits is not None:  # a consulted exit: the live words' turn
+                    live = walk.live()
+                    if not len(live):
+                        break
+                    z = logits[0, walk.first_col[live]]
+                    leave = walk.leave(live, normalised_entropy(z), index, layer == self.last)
+                    out[r, walk.first_col[live[leave]]] = z[leave]
+                    index += 1
+                    if walk.finished:
+                        break
+                layer, has_exit, graph = next(graphs)
+                cols = np.flatnonzero(walk.running).astype(np.int64)
+                answer = graph.run(None, {"hidden": hidden, "cols": cols})
+                hidden, logits = answer[0], answer[1] if has_exit else None
+                exit_layer[r, :length][walk.running] = layer
         return out, exit_layer
 
     def _batch(self, feeds: dict[str, np.ndarray], mask: np.ndarray):

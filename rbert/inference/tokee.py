@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rbert.inference.token_policies import WindowEntropyExit
+from rbert.inference.word_exits import WordExits
 from rbert.models.halting import ActiveTokens, halted_step
 from rbert.models.token_heads import MultiExitTokenBert
 
@@ -87,47 +88,32 @@ class TokenEarlyExit:
     def _run_one(self, input_ids, attention_mask, token_type_ids, owner, length: int) -> TokenExitResult:
         """One row whose first ``length`` tokens are real: :meth:`_run`'s answers, leaner."""
         width = input_ids.shape[1]
-        own = owner[0, :length].cpu().numpy()
-        cols = np.arange(length)
-        first_col = np.flatnonzero(own == cols)  # word slot -> its first piece's column
-        slot = np.full(length, -1)
-        slot[first_col] = np.arange(len(first_col))
-        word_of = np.where(own >= 0, slot[own.clip(0)], -1)  # token -> word slot (-1: special)
-        entropy = np.full((1, len(first_col)), np.nan)
-        present = np.ones_like(entropy, dtype=bool)
-        done = np.zeros(len(first_col), dtype=bool)
-        running = np.ones(length, dtype=bool)  # tokens still computed
+        walk = WordExits(owner[0, :length].cpu().numpy(), self.rule)
         exit_layer = np.zeros(width, dtype=np.int64)
         logits_out = None
-
         types = token_type_ids[:, :length] if token_type_ids is not None else None
         hidden = self.bert.embed(input_ids[:, :length], types)
-        bias = None  # no padding: every token is a key
-        where, computed = None, 0  # where: None while every token runs
+        where, computed = None, 0  # where: None while every token runs (no padding: no attention mask)
         for n, layer in enumerate(self.layers, start=1):
-            hidden = layer(hidden, bias) if where is None else halted_step(layer, hidden, where, bias)
-            computed += int(running.sum())
-            exit_layer[:length][running] = n
+            hidden = layer(hidden, None) if where is None else halted_step(layer, hidden, where, None)
+            computed += int(walk.running.sum())
+            exit_layer[:length][walk.running] = n
             if n not in self.heads:
                 continue
-            live = np.flatnonzero(~done)
+            live = walk.live()
             if not len(live):  # a row without words leaves at the first exit, as in _run
                 break
-            z = F.linear(hidden[0, torch.from_numpy(first_col[live])], *self.heads[n])
+            z = F.linear(hidden[0, torch.from_numpy(walk.first_col[live])], *self.heads[n])
             if logits_out is None:
                 logits_out = z.new_zeros(1, width, z.shape[-1])
-            logp = torch.log_softmax(z.float(), dim=-1)
-            entropy[0, live] = (-(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])).numpy()
-            if n == self.last:
-                leave = np.ones(len(live), dtype=bool)
-            else:
-                leave = self.rule.decide(entropy, present, self.order[n])[0][live]
-            logits_out[0, torch.from_numpy(first_col[live[leave]])] = z[torch.from_numpy(leave)].to(logits_out.dtype)
-            done[live[leave]] = True
-            if done.all():
+            logp = torch.log_softmax(z.float(), dim=-1)  # as _run computes it, so both decide alike
+            entropy = (-(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])).numpy()
+            leave = walk.leave(live, entropy, self.order[n], n == self.last)
+            gone = torch.from_numpy(walk.first_col[live[leave]])
+            logits_out[0, gone] = z[torch.from_numpy(leave)].to(logits_out.dtype)
+            if walk.finished:
                 break
-            running = (word_of < 0) | ~done[word_of.clip(0)]  # special tokens run while any word does
-            where = ActiveTokens.of_row(torch.from_numpy(np.flatnonzero(running)).to(hidden.device))
+            where = ActiveTokens.of_row(torch.from_numpy(np.flatnonzero(walk.running)).to(hidden.device))
         if logits_out is None:  # a row without words
             logits_out = hidden.new_zeros(1, width, self.heads[self.last][0].shape[0])
         return TokenExitResult(logits_out, torch.from_numpy(exit_layer[None]).to(input_ids.device), computed,

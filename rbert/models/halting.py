@@ -45,9 +45,10 @@ class ActiveTokens:
         """The active columns ``cols`` (ascending) of a batch of one row, without building a mask:
         batch size 1's engine calls this at every layer, where each small op shows."""
         where = cls.__new__(cls)
+        count = cols.shape[0]  # not len(): torch.export keeps a shape symbolic, an int it would fix
         where.rows, where.cols = torch.zeros_like(cols), cols
-        where.slots = torch.arange(len(cols), device=cols.device)
-        where.width, where.batch = len(cols), 1
+        where.slots = torch.arange(count, device=cols.device)
+        where.width, where.batch = count, 1
         return where
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -103,7 +104,7 @@ def halted_step(layer: nn.Module, hidden: torch.Tensor, active: torch.Tensor | A
     For inference (no dropout)."""
     where = active if isinstance(active, ActiveTokens) else ActiveTokens(active)
     out = hidden.clone()
-    if len(where.rows) == 0:
+    if where.rows.shape[0] == 0:
         return out
     if isinstance(layer, AlbertLayerGroup):  # its inner layers in turn, the halted tokens copied through
         for inner in layer.albert_layers:
