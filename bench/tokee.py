@@ -11,7 +11,10 @@ For one multi-exit tagging checkpoint of ``bench/frontier.py``'s record (plan ``
    2x, 3x, 4x, 5x, and the budget point: the largest speed-up within ``--max-drop`` points
    of the plain model's selection metric), run on dev and timed at bs=1 and batched, in
    turns with the plain full-depth model. Batches are **length-sorted** for every caller
-   (the plain model too), so cutting padding is not counted as a speed-up.
+   (the plain model too), so cutting padding is not counted as a speed-up;
+3. with ``--onnx`` (the default), the same points on onnxruntime at bs=1: the exported
+   folder's per-layer graphs (:mod:`rbert.deploy.onnx_runtime`) against the one full-depth
+   graph of the same model, in turns.
 
     python bench/tokee.py --plan pos_ewt --config romebert --seed 42
 
@@ -79,22 +82,24 @@ def owner_of(batch: dict):
     return first_piece_owner(words, pieces)
 
 
-def run_engine(engine, batches, task) -> tuple[float, dict]:
-    """(token-layer share computed, metric values) of the engine over ``batches``."""
+def run_engine(engine, batches, task) -> tuple[float, dict, float]:
+    """(token-layer share computed, metric values, the ceiling counting finished sentences) of
+    the engine over ``batches``."""
     import torch
 
     from rbert.inference.sweep import TagTargets, task_metric
+    from rbert.inference.tokee import row_ceiling
 
-    logits, targets, computed, full = [], [], 0, 0
+    logits, targets, computed, full, kv = [], [], 0, 0, 0
     width = max(b["input_ids"].shape[1] for b in batches)
     for b in batches:
         out = engine(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), owner_of(b))
         pad = width - out.logits.shape[1]
         logits.append(torch.nn.functional.pad(out.logits, (0, 0, 0, pad)))
         targets.append((torch.nn.functional.pad(b["labels"], (0, pad), value=-100), b["sentence"], b["window"]))
-        computed, full = computed + out.token_layers, full + out.full_token_layers
+        computed, full, kv = computed + out.token_layers, full + out.full_token_layers, kv + out.kv_token_layers
     labels = TagTargets(*(torch.cat([t[i] for t in targets]) for i in range(3)))
-    return computed / full, task_metric(task, torch.cat(logits), labels)
+    return computed / full, task_metric(task, torch.cat(logits), labels), row_ceiling(computed, kv, full)
 
 
 def evaluate(entry: dict, args) -> dict:
@@ -119,8 +124,8 @@ def evaluate(entry: dict, args) -> dict:
     with torch.inference_mode():
         for window in args.windows:
             for threshold in args.thresholds:
-                share, metrics = run_engine(TokenEarlyExit(net, WindowEntropyExit(threshold, window), trained),
-                                            select, task)
+                share, metrics, _ = run_engine(TokenEarlyExit(net, WindowEntropyExit(threshold, window), trained),
+                                               select, task)
                 grid.append({"window": window, "threshold": threshold, "select_metric": metrics[metric],
                              "token_speedup": 1 / share, "ceiling": ceiling(1 - share)})
                 print(f"window {window} threshold {threshold}: select {metric} {metrics[metric]:.4f}, "
@@ -144,12 +149,13 @@ def evaluate(entry: dict, args) -> dict:
     with torch.inference_mode():
         for (window, threshold), targets in chosen.items():
             engine = TokenEarlyExit(net, WindowEntropyExit(threshold, window), trained)
-            share, metrics = run_engine(engine, dev, task)
+            share, metrics, rows_bound = run_engine(engine, dev, task)
             name = f"w{window}-t{threshold}"
             calls[name] = (lambda e: lambda x: e(x["input_ids"], x["attention_mask"], None, owner_of(x)))(engine)
             row = next(r for r in grid if (r["window"], r["threshold"]) == (window, threshold))
             points.append({"call": name, "targets": targets, **row, "dev_metric": metrics[metric],
-                           "dev_token_speedup": 1 / share, "dev_ceiling": ceiling(1 - share)})
+                           "dev_token_speedup": 1 / share, "dev_ceiling": ceiling(1 - share),
+                           "dev_row_ceiling": rows_bound})
 
         def over(items, call):
             return lambda i: call(items[i])
@@ -160,9 +166,54 @@ def evaluate(entry: dict, args) -> dict:
         name = point.pop("call")
         point.update(speedup_bs1=one["plain"] / one[name], speedup_batched=many["plain"] / many[name])
         point["batched_vs_ceiling"] = point["speedup_batched"] / point["dev_ceiling"]
+    if getattr(args, "onnx", True):
+        onnx_speedups = time_onnx(net, trained, task, datamodule.tokenizer, single,
+                                  [(p["window"], p["threshold"]) for p in points], args.repeats)
+        for point, speedup in zip(points, onnx_speedups):
+            point["speedup_bs1_onnx"] = speedup
     return {"grid": grid, "points": points, "metric": metric, "floor_select": floor,
             "timing": f"bs=1 on {len(single)} dev sentences, batched on {len(timed)} length-sorted dev batches "
-                      f"of 32, each item's best of {args.repeats}, in turns with the plain full-depth model"}
+                      f"of 32, each item's best of {args.repeats}, in turns with the plain full-depth model"
+                      + ("; onnxruntime at bs=1 against the full-depth graph" if getattr(args, "onnx", True) else "")}
+
+
+def time_onnx(net, trained: list[int], task, tokenizer, single: list[dict], rules: list[tuple[int, float]],
+              repeats: int) -> list[float]:
+    """bs=1 speed-ups on onnxruntime of TOKEE with each (window, threshold) in ``rules`` over
+    the full-depth graph of the same model (embeddings, every layer, the final exit)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from rbert.deploy import OnnxEarlyExitModel, save
+    from rbert.deploy.folder import DeploySpec
+    from rbert.deploy.onnx_export import export_full_depth
+    from rbert.inference.timing import time_in_turns
+    from rbert.inference.token_policies import WindowEntropyExit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = [str(t) for t in task.labels or range(task.num_labels)]
+        spec = DeploySpec(task=task.name, text_fields=["words"], labels=labels,
+                          max_length=512, exit_layers=list(net.exit_layers), trained_exits=trained,
+                          consulted_exits=trained, style="token", pooling="none", policy={"name": "none"},
+                          kind="tagging", scheme=getattr(task, "scheme", None))
+        folder = save(Path(tmp) / "folder", net, tokenizer, spec)
+        export_full_depth(net, Path(tmp) / "full.onnx")
+        options = ort.SessionOptions()
+        for key, value in OnnxEarlyExitModel.SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
+        full = ort.InferenceSession(str(Path(tmp) / "full.onnx"), options)
+        names = [i.name for i in full.get_inputs()]
+        items = [{"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy(),
+                  "token_type_ids": np.zeros_like(x["input_ids"].numpy()), "owner": owner_of(x).numpy()}
+                 for x in single]
+        calls = {"plain": lambda i: full.run(None, {n: items[i][n] for n in names})}
+        for window, threshold in rules:
+            model = OnnxEarlyExitModel.from_pretrained(folder, policy=WindowEntropyExit(threshold, window))
+            calls[f"w{window}-t{threshold}"] = (lambda m: lambda i: m.run(
+                items[i]["input_ids"], items[i]["attention_mask"], None, owner=items[i]["owner"]))(model)
+        seconds = time_in_turns(calls, len(items), repeats)
+    return [seconds["plain"] / seconds[f"w{w}-t{t}"] for w, t in rules]
 
 
 def main() -> None:
@@ -176,6 +227,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime timings")
     args = parser.parse_args()
     from rbert.report import format_table
 

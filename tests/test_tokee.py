@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbert.inference.tokee import TokenEarlyExit, ceiling, first_piece_owner
+from rbert.inference.tokee import TokenEarlyExit, ceiling, first_piece_owner, row_ceiling
 from rbert.inference.token_policies import WindowEntropyExit
 from rbert.models import MultiExitTokenBert, load_encoder
 from tests.backbone_files import FAMILIES, write_family
@@ -64,12 +64,14 @@ def test_engine_equals_the_masked_computation(family, threshold, window, tmp_pat
     assert torch.equal(fast.logits[words].argmax(-1), slow.logits[words].argmax(-1))
     assert (fast.logits - slow.logits).abs().max() < 1e-4
     assert fast.token_layers == slow.token_layers < fast.full_token_layers
+    # keys and values: every token of the sentences still running
+    assert fast.token_layers <= fast.kv_token_layers == slow.kv_token_layers <= fast.full_token_layers
     # pieces of a word leave with it; padding never runs
     pieces = owner >= 0
     assert torch.equal(fast.exit_layer[pieces], fast.exit_layer.gather(1, owner.clamp_min(0))[pieces])
     assert (fast.exit_layer[mask == 0] == 0).all()
     # each row on its own (batch size 1's lean path, with and without trailing padding) answers the same
-    counted = 0
+    counted = kv = 0
     for r in range(len(ids)):
         n = int(mask[r].sum())
         alone = TokenEarlyExit(net, rule)(ids[r:r + 1, :n], mask[r:r + 1, :n], None, owner[r:r + 1, :n])
@@ -80,7 +82,8 @@ def test_engine_equals_the_masked_computation(family, threshold, window, tmp_pat
         assert (padded.logits[0] - fast.logits[r]).abs().max() < 1e-4
         assert padded.token_layers == alone.token_layers and padded.full_token_layers == alone.full_token_layers
         counted += alone.token_layers
-    assert counted == fast.token_layers
+        kv += alone.kv_token_layers
+    assert counted == fast.token_layers and kv == fast.kv_token_layers
 
 
 def test_extreme_thresholds_give_the_first_and_the_last_exit(tmp_path):
@@ -109,6 +112,10 @@ def test_window_rule_and_ceiling():
     assert rule.decide(entropy, present, 0).tolist() == [[False, False, False, True, True, False]]
     assert WindowEntropyExit([0.2, 0.95]).decide(entropy, present, 1).all(where=present[0])
     assert ceiling(0.0) == 1.0 and ceiling(1.0) == pytest.approx(6.0) and ceiling(0.75) == pytest.approx(1 / 0.375)
+    # with no sentence finished early the two agree; finished sentences raise the bound
+    assert row_ceiling(25, 100, 100) == pytest.approx(ceiling(0.75))
+    assert row_ceiling(25, 50, 100) == pytest.approx(100 / (25 + 25 / 6))
+    assert row_ceiling(25, 50, 100) > ceiling(0.75)
 
 
 def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatch):
@@ -139,7 +146,7 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
     assert any("budget" in p["targets"] for p in result["points"])
     for point in result["points"]:
         assert point["dev_token_speedup"] >= 1.0 and point["dev_ceiling"] <= 6.0
-        assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0
+        assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0 and point["speedup_bs1_onnx"] > 0
 
 
 def test_training_forward_with_halts_is_what_the_engine_computes(tmp_path):

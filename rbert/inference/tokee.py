@@ -20,7 +20,8 @@ The result also counts the token-layers computed: with a share ``f`` of a full p
 token-layers skipped, the layer-count speed-up is ``1 / (1 - f)``, and since halted tokens
 are still projected into keys and values at every later layer (2 of a BERT layer's 12
 hidden x hidden products: ~1/6 of its work), the attainable wall-clock speed-up is about
-``1 / ((1 - f) + f / 6)``: :func:`ceiling`.
+``1 / ((1 - f) + f / 6)``: :func:`ceiling`. A sentence whose words have all left stops
+computing keys and values too, which :func:`row_ceiling` counts (``kv_token_layers``).
 """
 
 from __future__ import annotations
@@ -44,12 +45,21 @@ class TokenExitResult:
     exit_layer: torch.Tensor  # (batch, tokens): the layer each token left at (its word's); 0 on padding
     token_layers: int         # token-layer applications computed
     full_token_layers: int    # what running every real token through every layer costs
+    kv_token_layers: int = 0  # token-layers whose keys and values were computed (every token of a running row)
 
 
 def ceiling(skipped: float, kv_share: float = 1 / 6) -> float:
     """The wall-clock speed-up a share ``skipped`` of token-layers can buy when the halted
     tokens' keys and values (``kv_share`` of a layer's work) are still computed."""
     return 1.0 / ((1.0 - skipped) + skipped * kv_share)
+
+
+def row_ceiling(computed: int, kv: int, full: int, kv_share: float = 1 / 6) -> float:
+    """:func:`ceiling` with the rows that finished counted: once every word of a sentence has
+    left, its tokens' keys and values are not computed either (the row is dropped), so the
+    halted tokens cost ``kv_share`` only while their sentence still runs. Above
+    :func:`ceiling` when whole sentences leave early."""
+    return full / (computed + (kv - computed) * kv_share)
 
 
 def first_piece_owner(words: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
@@ -93,10 +103,10 @@ class TokenEarlyExit:
         logits_out = None
         types = token_type_ids[:, :length] if token_type_ids is not None else None
         hidden = self.bert.embed(input_ids[:, :length], types)
-        where, computed = None, 0  # where: None while every token runs (no padding: no attention mask)
+        where, computed, kv = None, 0, 0  # where: None while every token runs (no padding: no attention mask)
         for n, layer in enumerate(self.layers, start=1):
             hidden = layer(hidden, None) if where is None else halted_step(layer, hidden, where, None)
-            computed += int(walk.running.sum())
+            computed, kv = computed + int(walk.running.sum()), kv + length
             exit_layer[:length][walk.running] = n
             if n not in self.heads:
                 continue
@@ -117,7 +127,7 @@ class TokenEarlyExit:
         if logits_out is None:  # a row without words
             logits_out = hidden.new_zeros(1, width, self.heads[self.last][0].shape[0])
         return TokenExitResult(logits_out, torch.from_numpy(exit_layer[None]).to(input_ids.device), computed,
-                               length * len(self.layers))
+                               length * len(self.layers), kv)
 
     def _run(self, input_ids, attention_mask, token_type_ids, owner) -> TokenExitResult:
         batch, width = input_ids.shape
@@ -147,14 +157,14 @@ class TokenEarlyExit:
         rows = torch.arange(batch, device=device)  # original row of each running row
         mask = attention_mask
         active = valid.clone()  # running tokens, in running-row coordinates
-        computed, full = 0, int(valid.sum()) * len(self.layers)
+        computed, kv, full = 0, 0, int(valid.sum()) * len(self.layers)
         for n, layer in enumerate(self.layers, start=1):
             bias = self.bert.attention_bias(mask)
             if self.masked:
                 hidden = torch.where(active[..., None], layer(hidden, bias), hidden)
             else:
                 hidden = halted_step(layer, hidden, active, bias)
-            computed += int(active.sum())
+            computed, kv = computed + int(active.sum()), kv + int(mask.sum())
             exit_layer[rows[:, None].expand_as(active)[active], cols[:active.shape[1]].expand_as(active)[active]] = n
             if n not in self.heads:
                 continue
@@ -190,4 +200,4 @@ class TokenEarlyExit:
                 length = int(mask.sum(dim=1).max())
                 hidden, mask, active = hidden[:, :length], mask[:, :length], active[:, :length]
         exit_layer = torch.where(valid, exit_layer, torch.zeros_like(exit_layer))
-        return TokenExitResult(logits_out, exit_layer, computed, full)
+        return TokenExitResult(logits_out, exit_layer, computed, full, kv)
