@@ -117,10 +117,12 @@ PLANS = {
     # Sequence labelling (sentence-level early exit, SENTEE): every training sentence but those
     # held out, the epochs; the same configurations, token heads picked by the task.
     # "deebert-ft": DeeBERT's second stage on the plain run of the same seed (its final exit *is*
-    # the plain model), the exits trained as long as the plain model was.
+    # the plain model), the exits trained as long as the plain model was; "-ss": with token-level
+    # exit's self-sampling (the exits see copied states of words that left; default settings).
     "pos_ewt": Plan(["task=pos_ewt", "data_dir=../shared/data/tagging", "data.select_rows=1000",
                      "trainer.max_epochs=3", "eval.after_train=false", "logger=csv"],
-                    {"plain": PLAIN, "deebert-ft": deebert_on_plain(3), **STATIC, **MULTI_EXIT}),
+                    {"plain": PLAIN, "deebert-ft": deebert_on_plain(3), **STATIC, **MULTI_EXIT,
+                     "deebert-ft-ss": [*deebert_on_plain(3), "model.self_sampling={sandwich: 2}"]}),
     "ner_wnut17": Plan(["task=ner_wnut17", "data_dir=../shared/data/tagging", "data.select_rows=400",
                         "trainer.max_epochs=5", "eval.after_train=false", "logger=csv"],
                        {"plain": PLAIN, **STATIC, **MULTI_EXIT, "deebert-ft": deebert_on_plain(5)}),
