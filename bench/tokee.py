@@ -19,6 +19,13 @@ For one multi-exit tagging checkpoint of ``bench/frontier.py``'s record (plan ``
     python bench/tokee.py --plan pos_ewt --config romebert --seed 42
 
 Records go to ``bench/records/tokee_<plan>.jsonl`` (one entry per checkpoint).
+
+    python bench/tokee.py --plan pos_ewt --report
+
+prints the plane of the issue: every recorded TOKEE point beside the frontier record's plain
+model, static depths and sentence-level (SENTEE) points, by measured batched speed-up, and
+for each TOKEE point the best static or SENTEE metric at that speed-up or above. Every
+speed-up in it was measured in turns with the plain model *within its own run*.
 """
 
 from __future__ import annotations
@@ -216,6 +223,38 @@ def time_onnx(net, trained: list[int], task, tokenizer, single: list[dict], rule
     return [seconds["plain"] / seconds[f"w{w}-t{t}"] for w, t in rules]
 
 
+def plane(plan: str, seed: int = 42) -> tuple[list[dict], list[dict]]:
+    """(rows of the plane, TOKEE against the others): see the module docstring."""
+    rows = []
+    for e in RunRecord(RESULTS / f"{plan}.jsonl").entries():
+        if e["seed"] != seed:
+            continue
+        for p in e["points"]:
+            static = e["name"] == "plain" or e["name"].startswith("static")
+            rows.append({"kind": e["name"] if static else "SENTEE", "point": "" if static else
+                         f"{e['name']} {p['policy']} {p['threshold']}", "dev": p["dev_metric"],
+                         "layer_speedup": p["dev_layer_speedup"], "bs1": p["speedup_bs1"],
+                         "batched": p["speedup_batched"]})
+    for e in RunRecord(RECORDS / f"tokee_{plan}.jsonl").entries():
+        if e["seed"] != seed:
+            continue
+        for p in e["points"]:
+            rows.append({"kind": "TOKEE", "point": f"{e['config']} w{p['window']} t{p['threshold']}",
+                         "dev": p["dev_metric"], "layer_speedup": p["dev_token_speedup"], "bs1": p["speedup_bs1"],
+                         "batched": p["speedup_batched"], "bs1_onnx": p.get("speedup_bs1_onnx"),
+                         "ceiling": p["dev_ceiling"], "row_ceiling": p.get("dev_row_ceiling")})
+    rows.sort(key=lambda r: r["batched"])
+    versus = []
+    for r in (r for r in rows if r["kind"] == "TOKEE"):
+        for kind in ("static", "SENTEE"):
+            rivals = [o for o in rows if o["kind"].startswith(kind) and o["batched"] >= r["batched"]]
+            best = max(rivals, key=lambda o: o["dev"], default=None)
+            versus.append({"TOKEE": r["point"], "batched": r["batched"], "dev": r["dev"], "against": kind,
+                           "best there": best and f"{best['kind']} {best['point']}".strip(),
+                           "its dev": best and best["dev"], "TOKEE above": best is None or r["dev"] > best["dev"]})
+    return rows, versus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default="pos_ewt", choices=("pos_ewt", "ner_wnut17"))
@@ -228,8 +267,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime timings")
+    parser.add_argument("--report", action="store_true", help="print the plane of the recorded runs")
     args = parser.parse_args()
     from rbert.report import format_table
+
+    if args.report:
+        rows, versus = plane(args.plan, args.seed)
+        print(f"{args.plan}, seed {args.seed}: dev metric and speed-ups over the plain model\n"
+              f"{format_table(rows, floatfmt='{:.3f}')}\n\nTOKEE against the best static / SENTEE point at "
+              f"its batched speed-up or above\n{format_table(versus, floatfmt='{:.3f}')}")
+        return
 
     entry = next((e for e in RunRecord(RESULTS / f"{args.plan}.jsonl").entries()
                   if e["name"] == args.config and e["seed"] == args.seed), None)
