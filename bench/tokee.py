@@ -229,7 +229,7 @@ def plane(plan: str, seed: int = 42) -> tuple[list[dict], list[dict]]:
     for e in RunRecord(RESULTS / f"{plan}.jsonl").entries():
         if e["seed"] != seed:
             continue
-        for p in e["points"]:
+        for p in e.get("points", []):
             static = e["name"] == "plain" or e["name"].startswith("static")
             rows.append({"kind": e["name"] if static else "SENTEE", "point": "" if static else
                          f"{e['name']} {p['policy']} {p['threshold']}", "dev": p["dev_metric"],

@@ -147,6 +147,12 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
     for point in result["points"]:
         assert point["dev_token_speedup"] >= 1.0 and point["dev_ceiling"] <= 6.0
         assert point["speedup_bs1"] > 0 and point["speedup_batched"] > 0 and point["speedup_bs1_onnx"] > 0
+    # the plane: every TOKEE point, compared with the static and SENTEE points (none recorded here)
+    monkeypatch.setattr(tokee, "RECORDS", tmp_path)
+    RunRecord(tmp_path / "tokee_ner_wnut17.jsonl").add({"key": "t", "config": "romebert", "seed": 42, **result})
+    rows, versus = tokee.plane("ner_wnut17")
+    assert [r["kind"] for r in rows] == ["TOKEE"] * len(result["points"])
+    assert len(versus) == 2 * len(rows) and all(v["TOKEE above"] for v in versus)  # nothing to beat
 
 
 def test_training_forward_with_halts_is_what_the_engine_computes(tmp_path):
