@@ -122,7 +122,11 @@ PLANS = {
     "pos_ewt": Plan(["task=pos_ewt", "data_dir=../shared/data/tagging", "data.select_rows=1000",
                      "trainer.max_epochs=3", "eval.after_train=false", "logger=csv"],
                     {"plain": PLAIN, "deebert-ft": deebert_on_plain(3), **STATIC, **MULTI_EXIT,
-                     "deebert-ft-ss": [*deebert_on_plain(3), "model.self_sampling={sandwich: 2}"]}),
+                     "deebert-ft-ss": [*deebert_on_plain(3), "model.self_sampling={sandwich: 2}"],
+                     # exits trained *with* the backbone, from the plain model and distilled from it
+                     # (its final exit too), one more epoch: do jointly trained exits let words leave sooner?
+                     "sd-ft": ["model=romebert_sd", f"model.init_from={PLAIN_CKPT}", f"model.teacher={PLAIN_CKPT}",
+                               "trainer.max_epochs=1"]}),
     "ner_wnut17": Plan(["task=ner_wnut17", "data_dir=../shared/data/tagging", "data.select_rows=400",
                         "trainer.max_epochs=5", "eval.after_train=false", "logger=csv"],
                        {"plain": PLAIN, **STATIC, **MULTI_EXIT, "deebert-ft": deebert_on_plain(5)}),
