@@ -62,6 +62,13 @@ def row_ceiling(computed: int, kv: int, full: int, kv_share: float = 1 / 6) -> f
     return full / (computed + (kv - computed) * kv_share)
 
 
+def word_entropy(z: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of each row of logits ``z``, in float32: both engine paths decide on
+    this one computation, so a word at a threshold's edge leaves alike on either."""
+    logp = torch.log_softmax(z.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])
+
+
 def first_piece_owner(words: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
     """For each token, the column of its word's first piece (-1 for special tokens and padding),
     from the mask of first pieces and the mask of all word pieces."""
@@ -116,9 +123,7 @@ class TokenEarlyExit:
             z = F.linear(hidden[0, torch.from_numpy(walk.first_col[live])], *self.heads[n])
             if logits_out is None:
                 logits_out = z.new_zeros(1, width, z.shape[-1])
-            logp = torch.log_softmax(z.float(), dim=-1)  # as _run computes it, so both decide alike
-            entropy = (-(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])).numpy()
-            leave = walk.leave(live, entropy, self.order[n], n == self.last)
+            leave = walk.leave(live, word_entropy(z).numpy(), self.order[n], n == self.last)
             gone = torch.from_numpy(walk.first_col[live[leave]])
             logits_out[0, gone] = z[torch.from_numpy(leave)].to(logits_out.dtype)
             if walk.finished:
@@ -174,8 +179,7 @@ class TokenEarlyExit:
             z = F.linear(hidden[r, c], *self.heads[n])
             if logits_out is None:
                 logits_out = z.new_zeros(batch, width, z.shape[-1])
-            logp = torch.log_softmax(z.float(), dim=-1)
-            ent = -(logp.exp() * logp).sum(-1) / np.log(z.shape[-1])
+            ent = word_entropy(z)
             entropy[rows[r].cpu().numpy(), w.cpu().numpy()] = ent.cpu().numpy()
             if n == self.last:
                 leave = running

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from rbert.inference.policies import entropy
 from rbert.inference.token_policies import WindowEntropyExit
 
 
 def normalised_entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy of the softmax of each row of ``logits`` over log(number of classes), in [0, 1]."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=-1) / np.log(logits.shape[-1])
+    """Entropy of each row's softmax over log(number of classes), in [0, 1]."""
+    return entropy(logits) / np.log(logits.shape[-1])
 
 
 class WordExits:
