@@ -72,8 +72,6 @@ def export_fine_tuned(cfg: DictConfig, system: TaskSystem, train_cfg: DictConfig
         raise ConfigError("export_quantize=int8 quantises the ONNX graphs: it needs export_onnx=true")
     task = system.task
     tagging = task.kind == "tagging"
-    if quantize and tagging:
-        raise ConfigError("export_quantize=int8: sentence tasks only so far; export the tagger with fp32 graphs")
     trained = [int(layer) for layer in ckpt.get("rbert_trained_exits", system.exit_layers)]
     budget = None
     single = {BertForSequenceClassification: MultiExitBert, BertForTokenClassification: MultiExitTokenBert}
@@ -120,19 +118,26 @@ def to_int8(folder: Path, spec, loader, task, budget) -> None:
     exits, and compose the batch-size-1 graph from the int8 graphs."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from rbert.deploy.onnx_export import write_fused
     from rbert.deploy.quantize import graph_exit_logits, quantize_graphs
     from rbert.inference.policies import policy_to_dict
-    from rbert.inference.sweep import sweep, task_metric
+    from rbert.inference.sweep import IGNORE, TagTargets, sweep, task_metric
 
     names = ("input_ids", "attention_mask", "token_type_ids")
     batches, labels = [], []
     for batch in loader:
         ids = batch["input_ids"].numpy()
         batches.append({k: batch[k].numpy().astype(np.int64) if k in batch else np.zeros_like(ids) for k in names})
-        labels.append(batch["labels"])
-    labels = torch.cat(labels)
+        labels.append(batch)
+    if task.kind == "tagging":  # word labels padded as graph_exit_logits pads the token logits
+        width = max(b["labels"].shape[1] for b in labels)
+        labels = TagTargets(torch.cat([F.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE)
+                                       for b in labels]),
+                            torch.cat([b["sentence"] for b in labels]), torch.cat([b["window"] for b in labels]))
+    else:
+        labels = torch.cat([b["labels"] for b in labels])
 
     def per_exit(logits: list[np.ndarray]) -> list[float]:
         return [round(task_metric(task, torch.from_numpy(z), labels)[task.monitor], 5) for z in logits]

@@ -8,11 +8,12 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, save
+from rbert.deploy import EarlyExitModel, OnnxEarlyExitModel, read_spec, save
 from rbert.deploy.folder import DeploySpec
 from rbert.deploy.server import Limits, create_app
 from rbert.inference.policies import ConfidenceExit, EntropyExit, PatienceExit, entropy, policy_to_dict
@@ -154,6 +155,22 @@ def test_predict_and_export_from_a_trained_tagger(tmp_path):
             f"export_dir={tmp_path / 'tokee'}", "export_onnx=false", *token_level)
     (answer,) = EarlyExitModel.from_pretrained(tmp_path / "tokee").predict([words])
     assert answer["words"] == words and len(answer["exit_layers"]) == len(words)
+    # int8: every graph quantised (token-level exit's too), each exit re-measured in words, the budget re-picked
+    run_cli(tmp_path / "export-int8", "mode=export", "task=ner_wnut17", f"ckpt_path={ckpt}", f"data_dir={tmp_path}",
+            f"export_dir={tmp_path / 'int8'}", "exit_policy=budget", "exit_policy.max_drop=5", "export_quantize=int8")
+    spec = read_spec(tmp_path / "int8")
+    record = spec.onnx["quantization"]
+    assert record["per_exit"]["metric"] == "f1" and len(record["per_exit"]["int8"]) == len(spec.consulted_exits)
+    assert spec.policy_choice["on"] == "int8 graphs"
+    for graph in [*spec.onnx["segments"], *spec.onnx["halted"]]:
+        nodes = onnx.load(str(tmp_path / "int8" / graph["file"])).graph.node
+        assert "MatMulInteger" in {node.op_type for node in nodes}, graph
+    for policy in (None, {"name": "window_entropy", "threshold": 0.5, "window": 1}):
+        int8 = OnnxEarlyExitModel.from_pretrained(tmp_path / "int8", policy=policy).predict(texts)
+        fp32 = EarlyExitModel.from_pretrained(tmp_path / "int8", policy=policy).predict(texts)
+        tags = [(x, y) for a, b in zip(int8, fp32) for x, y in zip(a["tags"], b["tags"])]
+        assert [a["words"] for a in int8] == [a["words"] for a in fp32]
+        assert np.mean([x == y for x, y in tags]) >= 0.9, (policy, int8, fp32)
 
 
 def test_token_level_exit_runs_on_the_pytorch_runtime(bert_tagger):

@@ -29,9 +29,9 @@ QUANTIZED_OPS = ["MatMul", "Gather"]
 
 
 def quantize_graphs(folder: Path, onnx_section: dict) -> dict:
-    """Quantise every segment graph of ``onnx_section`` in place (the composed graph is
-    dropped: the caller composes it again from the int8 segments); returns the section's
-    ``quantization`` record."""
+    """Quantise every graph of ``onnx_section`` in place: the segments and, for a tagger, the
+    token-level exit's per-layer graphs (the composed graph is dropped: the caller composes it
+    again from the int8 segments); returns the section's ``quantization`` record."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -39,8 +39,8 @@ def quantize_graphs(folder: Path, onnx_section: dict) -> dict:
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # and a warning that suggests pre-processing each time
     try:
-        for segment in onnx_section["segments"]:
-            path = folder / segment["file"]
+        for graph in [*onnx_section["segments"], *onnx_section.get("halted", [])]:
+            path = folder / graph["file"]
             fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
             os.close(fd)
             try:
@@ -62,7 +62,8 @@ def quantize_graphs(folder: Path, onnx_section: dict) -> dict:
 def graph_exit_logits(folder: Path, onnx_section: dict, batches) -> list[np.ndarray]:
     """Every segment's exit logits over ``batches`` (dicts of int64 arrays ``input_ids``,
     ``attention_mask``, ``token_type_ids``): each graph runs on every row (full depth), as
-    ``exit_logits`` does for the PyTorch model, so a threshold sweep can run on them."""
+    ``exit_logits`` does for the PyTorch model, so a threshold sweep can run on them. A tagger's
+    token logits are padded along the token axis to the longest batch, as ``exit_logits`` pads them."""
     import onnxruntime as ort
 
     sessions = [ort.InferenceSession(str(folder / s["file"]), providers=["CPUExecutionProvider"])
@@ -75,4 +76,7 @@ def graph_exit_logits(folder: Path, onnx_section: dict, batches) -> list[np.ndar
             hidden, logits = session.run(None, feeds)
             out[k].append(logits)
             feeds = {"hidden": hidden, "attention_mask": batch["attention_mask"]}
+    if out[0][0].ndim == 3:
+        width = max(z.shape[1] for z in out[0])
+        out = [[np.pad(z, ((0, 0), (0, width - z.shape[1]), (0, 0))) for z in parts] for parts in out]
     return [np.concatenate(parts) for parts in out]
