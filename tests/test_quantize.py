@@ -57,7 +57,7 @@ def random_rows(n: int = 300, seed: int = 0):
 def test_matmuls_and_embeddings_are_int8_and_the_folder_says_so(folders):
     _, fp32, folder = folders
     spec = read_spec(folder)
-    assert spec.onnx["quantization"]["weights"] == "int8" and spec.onnx["fused"]["policy"] == spec.policy
+    assert spec.onnx["quantization"]["weights"].startswith("int8") and spec.onnx["fused"]["policy"] == spec.policy
     for segment in spec.segments:
         ops = {node.op_type for node in onnx.load(str(folder / segment.file)).graph.node}
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops, ops
@@ -88,14 +88,16 @@ def test_the_int8_runtime_answers_alike_batched_one_at_a_time_and_composed(folde
     alone_layers = np.concatenate([layer for _, layer in alone])
     alone_logits = np.concatenate([z for z, _ in alone])
     # On these random rows many entropies sit near the threshold, so a small move flips an exit
-    # (35 of 40 rows agreed at entropy 0.6); bench/deploy_int8.py measures it on SST-2.
-    assert (alone_layers == layers).mean() >= 0.8 and (alone_logits.argmax(-1) == logits.argmax(-1)).mean() >= 0.9
+    # (31 of 40 rows agreed at entropy 0.6); bench/int8_seeds.py measures it on SST-2 dev.
+    assert (alone_layers == layers).mean() >= 0.75 and (alone_logits.argmax(-1) == logits.argmax(-1)).mean() >= 0.9
     same = alone_layers == layers
-    # The typical row moves by about a percent of the logits' range; a row whose batch (its
+    # The typical row moves by a few percent of the logits' range (about 1% with one weight
+    # scale per tensor, 2-5% with a scale per column on this fixture); a row whose batch (its
     # padding, the rows still running) widened the activation range moves more, which the
-    # label and exit checks above bound.
+    # label and exit checks above bound. On SST-2 dev, bs=1 and batched int8 accuracy differ
+    # by at most 0.46 points (bench/int8_seeds.py).
     gap = np.abs(alone_logits[same] - logits[same]).max(axis=-1)
-    assert np.median(gap) <= 0.03 * np.abs(logits[same]).max()
+    assert np.median(gap) <= 0.06 * np.abs(logits[same]).max()
     if not isinstance(policy, (FixedExit, NoExit)):
         assert len(set(layers.tolist())) >= 2, layers  # the rows really leave at different exits
 
