@@ -126,18 +126,18 @@ def to_int8(folder: Path, spec, loader, task, budget) -> None:
     from rbert.inference.sweep import IGNORE, TagTargets, sweep, task_metric
 
     names = ("input_ids", "attention_mask", "token_type_ids")
-    batches, labels = [], []
+    batches, originals = [], []
     for batch in loader:
         ids = batch["input_ids"].numpy()
         batches.append({k: batch[k].numpy().astype(np.int64) if k in batch else np.zeros_like(ids) for k in names})
-        labels.append(batch)
+        originals.append(batch)
     if task.kind == "tagging":  # word labels padded as graph_exit_logits pads the token logits
-        width = max(b["labels"].shape[1] for b in labels)
+        width = max(b["labels"].shape[1] for b in originals)
         labels = TagTargets(torch.cat([F.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE)
-                                       for b in labels]),
-                            torch.cat([b["sentence"] for b in labels]), torch.cat([b["window"] for b in labels]))
+                                       for b in originals]),
+                            torch.cat([b["sentence"] for b in originals]), torch.cat([b["window"] for b in originals]))
     else:
-        labels = torch.cat([b["labels"] for b in labels])
+        labels = torch.cat([b["labels"] for b in originals])
 
     def per_exit(logits: list[np.ndarray]) -> list[float]:
         return [round(task_metric(task, torch.from_numpy(z), labels)[task.monitor], 5) for z in logits]
