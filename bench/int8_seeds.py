@@ -72,9 +72,10 @@ def main() -> None:
             alone = np.concatenate([model.run(x["input_ids"], x["attention_mask"], x["token_type_ids"])[1]
                                     for x in single])
             bs1, many = accuracy(model.run, single, gold), accuracy(model.run, batched, gold)
-            quantization = read_spec(folder).onnx.get("quantization", {})
+            onnx_section = read_spec(folder).onnx
+            quantization = onnx_section.get("quantization", {})
             per_exit = [round(100 * float((z.argmax(-1) == gold).mean()), 2)
-                        for z in graph_exit_logits(folder, read_spec(folder).onnx, batched)]
+                        for z in graph_exit_logits(folder, onnx_section, batched)]
             rows.append({"seed": seed, "graphs": precision, "policy": model.policy.describe(),
                          "mean exit": float(layers.mean()), "layer speed-up": 6 / float(layers.mean()),
                          "dev acc bs=1": bs1, "dev acc batched": many, "plain dev acc": plain,
