@@ -24,8 +24,9 @@ Records go to ``bench/records/tokee_<plan>.jsonl`` (one entry per checkpoint).
 
 prints the plane of the issue: every recorded TOKEE point beside the frontier record's plain
 model, static depths and sentence-level (SENTEE) points, by measured batched speed-up, and
-for each TOKEE point the best static or SENTEE metric at that speed-up or above. Every
-speed-up in it was measured in turns with the plain model *within its own run*.
+for each TOKEE point the best static or SENTEE metric at that speed-up or above (one seed,
+``--seed``); then every configuration's points by selection target, averaged over the seeds
+recorded. Every speed-up in it was measured in turns with the plain model *within its own run*.
 """
 
 from __future__ import annotations
@@ -255,6 +256,31 @@ def plane(plan: str, seed: int = 42) -> tuple[list[dict], list[dict]]:
     return rows, versus
 
 
+def over_seeds(plan: str) -> list[dict]:
+    """Each configuration's TOKEE points by selection target (``2.0x``, ``budget``, ...), averaged
+    over the seeds that have them, against the plain model of the same seeds. A target's
+    threshold is chosen on each seed's own selection split, so it may differ between seeds."""
+    plain = {e["seed"]: e["per_exit"]["dev"][-1] for e in RunRecord(RESULTS / f"{plan}.jsonl").entries()
+             if e["name"] == "plain"}
+    found: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+    for e in RunRecord(RECORDS / f"tokee_{plan}.jsonl").entries():
+        for p in e["points"]:
+            for target in p["targets"]:
+                found.setdefault((e["config"], target), []).append((e["seed"], p))
+    rows = []
+    for (config, target), points in sorted(found.items()):
+        dev = np.array([100 * p["dev_metric"] for _, p in points])
+        drop = np.array([100 * (p["dev_metric"] - plain[seed]) for seed, p in points])
+        rows.append({"config": config, "target": target, "seeds": ",".join(str(s) for s, _ in points),
+                     "rules (window, threshold)": " ".join(f"{p['window']},{p['threshold']}" for _, p in points),
+                     "dev": dev.mean(), "dev sd": dev.std(ddof=1) if len(dev) > 1 else None,
+                     "vs plain": drop.mean(), "token-layer": np.mean([p["dev_token_speedup"] for _, p in points]),
+                     "ceiling": np.mean([p["dev_ceiling"] for _, p in points]),
+                     "bs=1": np.mean([p["speedup_bs1"] for _, p in points]),
+                     "batched": np.mean([p["speedup_batched"] for _, p in points])})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default="pos_ewt", choices=("pos_ewt", "ner_wnut17"))
@@ -276,6 +302,8 @@ def main() -> None:
         print(f"{args.plan}, seed {args.seed}: dev metric and speed-ups over the plain model\n"
               f"{format_table(rows, floatfmt='{:.3f}')}\n\nTOKEE against the best static / SENTEE point at "
               f"its batched speed-up or above\n{format_table(versus, floatfmt='{:.3f}')}")
+        print(f"\nTOKEE points by selection target, mean over the recorded seeds (metric x100; vs plain: "
+              f"against the plain model of the same seeds)\n{format_table(over_seeds(args.plan), floatfmt='{:.2f}')}")
         return
 
     entry = next((e for e in RunRecord(RESULTS / f"{args.plan}.jsonl").entries()
