@@ -14,7 +14,10 @@ calibrating and any input length works. What it quantises:
   int8 (a quarter of their fp32 size; for MiniLM 47 of the model's 90 MB) and each looked-up
   row is dequantised to fp32, so the embedding *values* carry the rounding, not the compute.
 
-LayerNorm, softmax, GELU and the residual adds stay fp32. The export then re-measures each
+LayerNorm, softmax, GELU and the residual adds stay fp32. Static quantisation (activation
+ranges calibrated once on training rows) was measured and is not offered: on an AVX2 CPU it
+ran slower than dynamic and cost the last exits 1.4-2.3 dev points (docs/benchmarks.md,
+11.9). The export then re-measures each
 exit on the int8 graphs (:func:`graph_exit_logits`) and re-picks a ``budget`` threshold on
 them (rbert/export.py), and the folder records what was done (``onnx.quantization``).
 """
