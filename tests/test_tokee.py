@@ -137,7 +137,8 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
     for name in ("plain", "romebert"):
         run_cli(tmp_path / name, f"model={'bert' if name == 'plain' else name}", *common)
         ckpt = tmp_path / name / "checkpoints" / "best.ckpt"
-        record.add({"key": name, "name": name, "seed": 42, "checkpoint": str(ckpt), "per_exit": {"select": [0.5]}})
+        record.add({"key": name, "name": name, "seed": 42, "checkpoint": str(ckpt),
+                    "per_exit": {"select": [0.5], "dev": [0.5]}})
     monkeypatch.setattr(tokee, "RESULTS", tmp_path)
     args = type("Args", (), {"plan": "ner_wnut17", "windows": [0, 2], "thresholds": [0.1, 0.5, 0.9], "max_drop": 100.0,
                              "samples": 4, "batches": 2, "repeats": 1})
@@ -153,6 +154,12 @@ def test_tokee_bench_tunes_on_token_layers_and_times_points(tmp_path, monkeypatc
     rows, versus = tokee.plane("ner_wnut17")
     assert [r["kind"] for r in rows] == ["TOKEE"] * len(result["points"])
     assert len(versus) == 2 * len(rows) and all(v["TOKEE above"] for v in versus)  # nothing to beat
+    # points by target over seeds: one row per target, against the plain model of the seed (dev 0.5)
+    by_target = {r["target"]: r for r in tokee.over_seeds("ner_wnut17")}
+    assert sorted(by_target) == sorted(t for p in result["points"] for t in p["targets"])
+    for point in result["points"]:
+        row = by_target[point["targets"][0]]
+        assert row["seeds"] == "42" and abs(row["vs plain"] - 100 * (point["dev_metric"] - 0.5)) < 1e-9
 
 
 def test_training_forward_with_halts_is_what_the_engine_computes(tmp_path):
