@@ -14,6 +14,9 @@ be re-made in any later session without a checkpoint.
   plain model on the selection split, chosen there, reported on dev), with a paired
   bootstrap 95% interval of its dev metric minus the plain model's and minus the static
   model nearest in bs=1 speed-up (dev samples resampled; seeds paired where both have them).
+* The learning-rate grid: per objective, its final exit at each lr on the selection split
+  (where the lr is chosen: a paired bootstrap against the default there) and on dev (only
+  reported), on the seeds the grid ran.
 * A flag where a final exit is at chance level (the majority class's accuracy, or an MCC /
   correlation near 0): there a speed-up is meaningless, and no point of it is reported as one.
 """
@@ -169,6 +172,50 @@ def curves(agg: dict[str, list[dict]]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def lr_grid(entries: list[dict], metric: str) -> list[dict]:
+    """Each objective's final exit at every learning rate the plan tried (configurations named
+    ``<objective>-lr<value>``; the objective's own name is its default lr), selection split and
+    dev, on the seeds the grid ran, with a paired bootstrap of each lr against the default on
+    the selection split. The lr chosen there: the default, unless another one is better with
+    the whole 95% interval above 0 (then the best such), so that noise does not move a default."""
+    lr = {}  # configuration -> its lr override ("default" where none)
+    for e in entries:
+        given = [o.split("=", 1)[1] for o in e["overrides"] if o.startswith("model.optimizer.lr=")]
+        lr[e["name"]] = given[0] if given else "default"
+    grids = defaultdict(list)
+    for name, value in lr.items():
+        if value != "default" and name.endswith(f"-lr{value}"):
+            grids[name[: -len(f"-lr{value}")]].append(name)
+    final = {"policy": "none"}
+    rows = []
+    for base, names in grids.items():
+        seeds = {e["seed"] for e in entries if e["name"] in names}
+        default = {e["seed"]: e for e in entries if e["name"] == base and e["seed"] in seeds}
+        members = []
+        for name in [base, *names]:
+            runs = [e for e in entries if e["name"] == name and e["seed"] in seeds]
+            if not runs:
+                continue
+            row = {"objective": base, "lr": lr[name], "seeds": len(runs),
+                   "select, final exit": 100 * float(np.mean([e["per_exit"]["select"][-1] for e in runs])),
+                   "dev, final exit": 100 * float(np.mean([e["per_exit"]["dev"][-1] for e in runs])),
+                   "select vs default [95% CI]": ""}
+            pairs = [(answers(e, final, "select")[0], *answers(default[e["seed"]], final, "select"))
+                     for e in runs if e["seed"] in default]
+            if name != base and pairs:
+                ci = paired_bootstrap(metric, pairs)
+                row["select vs default [95% CI]"] = f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
+                row["_low"] = ci["low"]
+            members.append(row)
+        better = [m for m in members if m.get("_low", 0) > 0]
+        chosen = max(better, key=lambda m: m["select, final exit"]) if better else members[0]
+        for m in members:
+            m.pop("_low", None)
+            m["chosen"] = "<-" if m is chosen else ""
+        rows += members
+    return rows
+
+
 # ---------------------------------------------------------------------------- the report
 def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = False) -> dict:
     from rbert.report import format_table, write_json
@@ -235,11 +282,15 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
           f"None: the early-exit curve does not reach that speed-up)\n{format_table(comparisons, floatfmt='{:.2f}')}")
     print(f"\nmean gain of each early-exit curve over the static curve, over its points inside the static "
           f"curve's speed-up range (ELUE's score, measured speed-ups)\n{format_table(gains_rows, floatfmt='{:+.2f}')}")
+    grid = lr_grid(entries, metric)
+    if grid:
+        print(f"\nlearning-rate grid: final exit, {metric} x100 (the lr is chosen on the selection split; dev is "
+              f"only reported)\n{format_table(grid, floatfmt='{:.2f}')}")
     print(f"\nbudget points (largest speed-up within {plan.max_drop} point(s) of the plain model on the selection "
           f"split), dev; paired bootstrap of the difference\n{format_table(budgets, floatfmt='{:.2f}')}")
     plot(agg, metric, png, plan_name)
     result = {"plan": plan_name, "metric": metric, "points": rows, "minutes": minutes, "comparisons": comparisons,
-              "gains": gains_rows, "budgets": budgets,
+              "gains": gains_rows, "budgets": budgets, "lr_grid": grid,
               "machines": sorted({e.get("machine", {}).get("cpu", "?") for e in entries}),
               "dates": sorted({e.get("date", "?") for e in entries})}
     out = png.with_suffix(".json")

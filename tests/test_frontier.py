@@ -260,3 +260,35 @@ def test_the_plane_arithmetic():
     assert metric_value("accuracy", good, labels) == 1.0 and metric_value("mcc", bad, labels) == -1.0
     ci = paired_bootstrap("accuracy", [(good, bad, labels)])
     assert ci["diff"] == 100.0 and ci["low"] == ci["high"] == 100.0
+
+
+def test_the_lr_grid_keeps_the_default_unless_the_selection_split_says_otherwise(tmp_path, monkeypatch):
+    """An lr replaces the default only when its gain on the selection split is clear of noise."""
+    sys.path.insert(0, str(REPO))
+    from bench import frontier_report
+
+    monkeypatch.setattr(frontier_report, "RECORDS", tmp_path)
+    monkeypatch.setattr(frontier_report, "BOOTSTRAP", 200)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    (tmp_path / "p").mkdir()
+
+    def entry(name: str, lr: str | None, right: float) -> dict:
+        """A one-exit run whose final exit answers ``right`` of the selection rows correctly."""
+        correct = np.arange(len(labels)) < right * len(labels)
+        pred = np.where(correct, labels, 1 - labels)
+        logits = np.eye(2)[pred][None].astype(np.float32)
+        np.savez(tmp_path / "p" / f"{name}.npz", select_logits=logits, select_labels=labels,
+                 dev_logits=logits, dev_labels=labels)
+        return {"name": name, "seed": 42, "arrays": f"p/{name}.npz", "exit_layers": [6],
+                "overrides": ["model=bert", *([f"model.optimizer.lr={lr}"] if lr else [])],
+                "per_exit": {"select": [float(correct.mean())], "dev": [float(correct.mean())]}}
+
+    entries = [entry("plain", None, 0.80), entry("plain-lr5e-5", "5e-5", 0.81), entry("plain-lr2e-4", "2e-4", 0.90),
+               entry("deebert", None, 0.80), entry("deebert-lr2e-4", "2e-4", 0.805), entry("static-2", None, 0.7)]
+    rows = frontier_report.lr_grid(entries, "accuracy")
+    chosen = {(r["objective"], r["lr"]) for r in rows if r["chosen"]}
+    assert chosen == {("plain", "2e-4"), ("deebert", "default")}  # +10 points is clear; +0.5 is noise
+    assert [r["lr"] for r in rows if r["objective"] == "plain"] == ["default", "5e-5", "2e-4"]
+    assert rows[2]["select vs default [95% CI]"].startswith("+10.00 [")
+    assert not any(r["objective"] == "static-2" for r in rows)
