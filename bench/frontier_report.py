@@ -172,13 +172,10 @@ def curves(agg: dict[str, list[dict]]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def lr_grid(entries: list[dict], metric: str) -> list[dict]:
-    """Each objective's final exit at every learning rate the plan tried (configurations named
-    ``<objective>-lr<value>``; the objective's own name is its default lr), selection split and
-    dev, on the seeds the grid ran, with a paired bootstrap of each lr against the default on
-    the selection split. The lr chosen there: the default, unless another one is better with
-    the whole 95% interval above 0 (then the best such), so that noise does not move a default."""
-    lr = {}  # configuration -> its lr override ("default" where none)
+def lr_variants(entries: list[dict]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(configuration -> its lr, "default" where not overridden; objective -> its ``-lr<value>``
+    configurations)."""
+    lr = {}
     for e in entries:
         given = [o.split("=", 1)[1] for o in e["overrides"] if o.startswith("model.optimizer.lr=")]
         lr[e["name"]] = given[0] if given else "default"
@@ -186,6 +183,16 @@ def lr_grid(entries: list[dict], metric: str) -> list[dict]:
     for name, value in lr.items():
         if value != "default" and name.endswith(f"-lr{value}"):
             grids[name[: -len(f"-lr{value}")]].append(name)
+    return lr, grids
+
+
+def lr_grid(entries: list[dict], metric: str) -> list[dict]:
+    """Each objective's final exit at every learning rate the plan tried (configurations named
+    ``<objective>-lr<value>``; the objective's own name is its default lr), selection split and
+    dev, on the seeds the grid ran, with a paired bootstrap of each lr against the default on
+    the selection split. The lr chosen there: the default, unless another one is better with
+    the whole 95% interval above 0 (then the best such), so that noise does not move a default."""
+    lr, grids = lr_variants(entries)
     final = {"policy": "none"}
     rows = []
     for base, names in grids.items():
@@ -288,7 +295,8 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
               f"only reported)\n{format_table(grid, floatfmt='{:.2f}')}")
     print(f"\nbudget points (largest speed-up within {plan.max_drop} point(s) of the plain model on the selection "
           f"split), dev; paired bootstrap of the difference\n{format_table(budgets, floatfmt='{:.2f}')}")
-    plot(agg, metric, png, plan_name)
+    off_grid = {name: ps for name, ps in agg.items() if not any(name in v for v in lr_variants(entries)[1].values())}
+    plot(off_grid, metric, png, plan_name)  # the lr grid's other points are in its table, not on the plane
     result = {"plan": plan_name, "metric": metric, "points": rows, "minutes": minutes, "comparisons": comparisons,
               "gains": gains_rows, "budgets": budgets, "lr_grid": grid,
               "machines": sorted({e.get("machine", {}).get("cpu", "?") for e in entries}),
