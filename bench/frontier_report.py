@@ -177,7 +177,7 @@ def lr_variants(entries: list[dict]) -> tuple[dict[str, str], dict[str, list[str
     configurations)."""
     lr = {}
     for e in entries:
-        given = [o.split("=", 1)[1] for o in e["overrides"] if o.startswith("model.optimizer.lr=")]
+        given = [o.split("=", 1)[1] for o in e.get("overrides", []) if o.startswith("model.optimizer.lr=")]
         lr[e["name"]] = given[0] if given else "default"
     grids = defaultdict(list)
     for name, value in lr.items():
@@ -295,8 +295,8 @@ def report(plan_name: str, entries: list[dict], plan, png: Path, wandb: bool = F
               f"only reported)\n{format_table(grid, floatfmt='{:.2f}')}")
     print(f"\nbudget points (largest speed-up within {plan.max_drop} point(s) of the plain model on the selection "
           f"split), dev; paired bootstrap of the difference\n{format_table(budgets, floatfmt='{:.2f}')}")
-    off_grid = {name: ps for name, ps in agg.items() if not any(name in v for v in lr_variants(entries)[1].values())}
-    plot(off_grid, metric, png, plan_name)  # the lr grid's other points are in its table, not on the plane
+    variants = {name for names in lr_variants(entries)[1].values() for name in names}
+    plot({name: ps for name, ps in agg.items() if name not in variants}, metric, png, plan_name)  # in the grid's table
     result = {"plan": plan_name, "metric": metric, "points": rows, "minutes": minutes, "comparisons": comparisons,
               "gains": gains_rows, "budgets": budgets, "lr_grid": grid,
               "machines": sorted({e.get("machine", {}).get("cpu", "?") for e in entries}),
