@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.deploy_int8 import REPO, export  # noqa: E402
@@ -32,22 +30,7 @@ from rbert.data.tagging_files import read_conllu  # noqa: E402
 from rbert.deploy import OnnxEarlyExitModel  # noqa: E402
 from rbert.inference.policies import NoExit  # noqa: E402
 from rbert.inference.timing import evenly, time_in_turns  # noqa: E402
-from rbert.inference.words import pad_rows, piece_owners, tag_rows  # noqa: E402
 from rbert.report import format_table, write_json  # noqa: E402
-
-
-def batches(model: OnnxEarlyExitModel, sentences: list[list[str]], size: int) -> list[tuple]:
-    """The runtime's inputs (ids, mask, token types, first pieces, owners) of ``sentences``,
-    ``size`` rows a batch, prepared as :meth:`Predictor.tag` prepares them."""
-    tokenizer = model.tokenizer
-    before, after = tokenizer.specials()
-    rows, _ = tag_rows(tokenizer.word_pieces(sentences), model.spec.max_length, before, after, tokenizer.unk_id)
-    out = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        ids, mask, words = pad_rows(chunk, tokenizer.pad_id)
-        out.append((ids, mask, np.zeros_like(ids), words, piece_owners(chunk, ids.shape[1])))
-    return out
 
 
 def word_accuracy(model: OnnxEarlyExitModel, sentences: list[list[str]], gold: list[list[str]],
@@ -93,8 +76,8 @@ def main() -> None:
         print(f"{name}: dev {rows[name]['acc_batched']} batched, {rows[name]['acc_bs1']} bs=1", flush=True)
 
     any_model = next(iter(models.values()))
-    single = [batches(any_model, [sentences[i]], 1)[0] for i in evenly(len(sentences), args.samples)]
-    grouped = batches(any_model, sentences, 32)
+    single = [any_model.tag_batches([sentences[i]], 1)[1][0] for i in evenly(len(sentences), args.samples)]
+    grouped = any_model.tag_batches(sentences, 32)[1]
     grouped = [grouped[i] for i in evenly(len(grouped), args.batches)]
     for key, inputs in (("bs1", single), ("batched", grouped)):
         calls = {name: (lambda i, m=model, x=inputs: m.run(*x[i])) for name, model in models.items()}

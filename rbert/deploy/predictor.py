@@ -127,28 +127,39 @@ class Predictor:
                         "exit_layer": int(layer)})
         return out
 
+    def tag_batches(self, sentences: list[list[str]], batch_size: int) -> tuple[list, list[tuple]]:
+        """The rows of ``sentences`` (a sentence's word pieces between the specials; one longer
+        than ``max_length`` cut into overlapping windows) and :meth:`run`'s inputs for each
+        ``batch_size`` of them: (ids, mask, token types, first pieces, each piece's word).
+        Apart from :meth:`tag` so that a benchmark times the runtime on the inputs it answers."""
+        before, after = self.tokenizer.specials()
+        rows, _ = tag_rows(self.tokenizer.word_pieces(sentences), self.spec.max_length, before, after,
+                           self.tokenizer.unk_id)
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask, words = pad_rows(chunk, self.tokenizer.pad_id)
+            batches.append((ids, mask, np.zeros_like(ids), words, piece_owners(chunk, ids.shape[1])))
+        return rows, batches
+
     def tag(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
         """A tagger's answers: ``{"words", "tags", "exit_layer"}`` per text (the deepest exit of
         its windows), ``batch_size`` rows (windows) a model call."""
         sentences = self.sentences(texts)
-        before, after = self.tokenizer.specials()
-        rows, _ = tag_rows(self.tokenizer.word_pieces(sentences), self.spec.max_length, before, after,
-                           self.tokenizer.unk_id)
+        rows, batches = self.tag_batches(sentences, batch_size)
         transitions = bio_transitions(self.spec.labels) if self.spec.scheme == "bio" else None
         width = max(len(r.ids) for r in rows)
         tags = np.zeros((len(rows), width), dtype=np.int64)
         exits = np.zeros(len(rows), dtype=np.int64)
         word_exits = np.zeros((len(rows), width), dtype=np.int64)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            ids, mask, words = pad_rows(chunk, self.tokenizer.pad_id)
-            owner = piece_owners(chunk, ids.shape[1]) if self.token_level else None
-            logits, layer = self.run(ids, mask, np.zeros_like(ids), words, owner)
-            tags[start:start + len(chunk), :ids.shape[1]] = decode_rows(logits, words, transitions)
+        for start, inputs in zip(range(0, len(rows), batch_size), batches):
+            logits, layer = self.run(*inputs)
+            end, length = start + len(inputs[0]), inputs[0].shape[1]
+            tags[start:end, :length] = decode_rows(logits, inputs[3], transitions)
             if self.token_level:  # each word's own exit, kept where the tags are
-                word_exits[start:start + len(chunk), :ids.shape[1]] = layer
+                word_exits[start:end, :length] = layer
             else:
-                exits[start:start + len(chunk)] = layer
+                exits[start:end] = layer
         answers = []
         lengths = [len(s) for s in sentences]
         stitched = stitch(rows, tags, exits, lengths)
