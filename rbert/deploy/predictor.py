@@ -130,7 +130,8 @@ class Predictor:
     def tag_batches(self, sentences: list[list[str]], batch_size: int) -> tuple[list, list[tuple]]:
         """The rows of ``sentences`` (a sentence's word pieces between the specials; one longer
         than ``max_length`` cut into overlapping windows) and :meth:`run`'s inputs for each
-        ``batch_size`` of them: (ids, mask, token types, first pieces, each piece's word).
+        ``batch_size`` of them: (ids, mask, token types, first pieces, each piece's word; None but
+        for token-level exit, the only policy that reads it).
         Apart from :meth:`tag` so that a benchmark times the runtime on the inputs it answers."""
         before, after = self.tokenizer.specials()
         rows, _ = tag_rows(self.tokenizer.word_pieces(sentences), self.spec.max_length, before, after,
@@ -139,7 +140,8 @@ class Predictor:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             ids, mask, words = pad_rows(chunk, self.tokenizer.pad_id)
-            batches.append((ids, mask, np.zeros_like(ids), words, piece_owners(chunk, ids.shape[1])))
+            owner = piece_owners(chunk, ids.shape[1]) if self.token_level else None
+            batches.append((ids, mask, np.zeros_like(ids), words, owner))
         return rows, batches
 
     def tag(self, texts: Sequence[Text], batch_size: int = 32) -> list[dict]:
